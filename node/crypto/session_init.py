@@ -56,8 +56,15 @@ class InitPayload:
     info: bytes = b""
 
     def replay_key(self) -> bytes:
-        """What the init replay cache remembers: ephemeral key and nonce."""
-        return self.ephemeral_public + b"|" + self.nonce
+        """What the init replay cache remembers: ephemeral key and nonce.
+
+        The key is taken in compressed form: one point has two SEC1 encodings that open
+        the same init under the same signature, so both must hit the same cache entry.
+        """
+        eph = self.ephemeral_public
+        if len(eph) == 65:
+            eph = bytes((2 | (eph[64] & 1),)) + eph[1:33]
+        return eph + b"|" + self.nonce
 
 
 @attrs.define(repr=False)

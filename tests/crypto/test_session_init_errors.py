@@ -564,3 +564,9 @@ def test_replay_key_is_ephemeral_key_and_nonce() -> None:
     assert init.replay_key() == bytes.fromhex(payload["ephPubHex"]) + b"|" + NONCE
     other = parse_init_payload(Frame(nonce=bytes(24)).payload())
     assert other.replay_key() != init.replay_key()
+    # The same point written uncompressed must map to the same cache entry.
+    from coincurve import PublicKey
+
+    long_form = PublicKey(bytes.fromhex(payload["ephPubHex"])).format(compressed=False)
+    uncompressed = parse_init_payload({**payload, "ephPubHex": long_form.hex()})
+    assert uncompressed.replay_key() == init.replay_key()

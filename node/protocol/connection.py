@@ -1,0 +1,585 @@
+"""The per-connection protocol state machine (sans-I/O).
+
+:class:`ConnectionState` owns no socket and no task. The driver hands it decoded
+messages (:meth:`receive`) or decode failures (:meth:`reject`) and gets back a list of
+actions: frames to send, an inference request to start or cancel, sessions that began or
+ended, or a close. While a request streams, the driver turns each backend piece into a
+frame with :meth:`piece` and ends the stream with :meth:`finish` or :meth:`fail`.
+Every session key lives in a :class:`SecretBytes` owned here and is zeroed by
+:meth:`close`, which the driver calls when the connection's scope exits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+
+from node.crypto import aead
+from node.crypto.errors import ErrorCode, NodeError
+from node.crypto.hostkey import HostKey
+from node.crypto.secret import SecretBytes
+from node.crypto.session_init import open_session_init
+from node.protocol.errors import CLOSE_POLICY_VIOLATION, ProtocolError
+from node.protocol.messages import (
+    ChunkPayload,
+    EncryptedChunk,
+    EncryptedMessage,
+    EncryptedResponse,
+    EncryptedSessionInit,
+    ErrorMessage,
+    InboundMessage,
+    OutboundMessage,
+    Ping,
+    Pong,
+    PromptRequest,
+    RequestId,
+    SessionInit,
+    SessionInitAck,
+    StreamCancel,
+    StreamChunk,
+    StreamEnd,
+    Usage,
+)
+from node.protocol.replay import InitReplayCache
+from node.protocol.requests import InferenceRequest, parse_request_plaintext
+
+RESPONSE_FINAL_AAD: Final = b"encrypted_response_final"
+ENCRYPTED_ACK_TEXT: Final = "Encrypted session initialized successfully"
+PLAINTEXT_ACK_TEXT: Final = (
+    "Session initialized in plaintext mode (deprecated: switch to encrypted_session_init)"
+)
+FINISH_REASONS: Final = frozenset({"stop", "length", "cancelled", "error"})
+# Errors caused by the node itself do not count against the client's error budget.
+_NODE_SIDE_CODES: Final = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR})
+
+
+@attrs.define
+class ProtocolConfig:
+    require_encryption: bool = False
+    session_ttl_s: float = 24 * 3600.0
+    max_errors: int = 10
+    init_burst: int = 10  # encrypted inits a connection may send at once ...
+    init_refill_per_s: float = 1.0  # ... and how fast that allowance comes back
+    allowed_clients: frozenset[str] | None = None  # lowercase addresses; None = anyone
+
+
+@attrs.define(repr=False, eq=False)
+class Session:
+    """One session held by one connection. ``key`` is None in plaintext mode."""
+
+    session_id: str
+    job_id: int | None
+    chain_id: int
+    encrypted: bool
+    created_at: float
+    key: SecretBytes | None = None
+    next_index: int = 0
+    client_address: str | None = None
+    model_name: str | None = None
+    price_per_token: int = 0
+    vector_database: dict[str, Any] | None = None
+
+    def wipe(self) -> None:
+        if self.key is not None:
+            self.key.wipe()
+
+    def __repr__(self) -> str:
+        return (
+            f"Session(id={self.session_id}, job={self.job_id}, encrypted={self.encrypted}, "
+            f"client={self.client_address})"
+        )
+
+
+# ------------------------------------------------------------------------ actions
+
+
+@attrs.frozen
+class Send:
+    message: OutboundMessage
+
+
+@attrs.frozen
+class StartRequest:
+    request: InferenceRequest
+    session: Session
+    request_id: RequestId | None
+
+
+@attrs.frozen
+class CancelRequest:
+    reason: str
+
+
+@attrs.frozen
+class Close:
+    code: int
+    reason: str
+
+
+@attrs.frozen
+class SessionStarted:
+    session: Session
+
+
+@attrs.frozen
+class SessionEnded:
+    session: Session
+    reason: str  # reinit | expired | closed
+
+
+@attrs.frozen
+class PlaintextDeprecated:
+    """Emitted once per connection, the first time plaintext mode is used."""
+
+
+Action = (
+    Send
+    | StartRequest
+    | CancelRequest
+    | Close
+    | SessionStarted
+    | SessionEnded
+    | PlaintextDeprecated
+)
+
+
+@attrs.define(eq=False)
+class ActiveRequest:
+    session: Session
+    request_id: RequestId | None
+    next_chunk: int = 0
+    completion_tokens: int = 0
+    cancel_requested: bool = False
+
+
+class ConnectionState:
+    """Protocol rules for one WebSocket connection."""
+
+    def __init__(
+        self,
+        *,
+        host_key: HostKey | None,
+        replay_cache: InitReplayCache,
+        clock: Callable[[], float],
+        config: ProtocolConfig | None = None,
+        rng: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.host_key = host_key
+        self.replay_cache = replay_cache
+        self.config = config or ProtocolConfig()
+        self._clock = clock
+        self._rng = rng
+        self.sessions: dict[str, Session] = {}
+        self.active: ActiveRequest | None = None
+        self.error_count = 0
+        self.used_encryption = False
+        self.used_plaintext = False
+        self.closed = False
+        self._anonymous: Session | None = None
+        self._init_allowance = float(self.config.init_burst)
+        self._allowance_at = clock()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def keys_held(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.key is not None and not s.key.wiped)
+
+    @property
+    def streaming(self) -> bool:
+        return self.active is not None
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self, message: InboundMessage) -> list[Action]:
+        """Decide what to do with one decoded inbound message."""
+        if self.closed:
+            return []
+        try:
+            if isinstance(message, Ping):
+                return [Send(Pong(message.id))]
+            if isinstance(message, StreamCancel):
+                return self._on_cancel(message)
+            if self.active is not None:
+                raise ProtocolError(
+                    ErrorCode.REQUEST_IN_PROGRESS,
+                    "a request is already streaming on this connection; wait for stream_end "
+                    "or send stream_cancel",
+                )
+            if isinstance(message, EncryptedSessionInit):
+                return self._on_encrypted_init(message)
+            if isinstance(message, EncryptedMessage):
+                return self._on_encrypted_message(message)
+            if isinstance(message, SessionInit):
+                return self._on_plaintext_init(message)
+            return self._on_prompt(message)
+        except NodeError as exc:
+            return self._error(exc, _id_of(message), _session_of(message))
+
+    def reject(self, error: NodeError, request_id: RequestId | None = None) -> list[Action]:
+        """A frame that could not be decoded: answer with its code, count it."""
+        if self.closed:
+            return []
+        return self._error(error, request_id, None)
+
+    # ---------------------------------------------------------------- handlers
+
+    def _on_cancel(self, message: StreamCancel) -> list[Action]:
+        active = self.active
+        if active is None or active.cancel_requested:
+            return []  # nothing in flight (it may just have finished): nothing to do
+        active.cancel_requested = True
+        return [CancelRequest(message.reason or "client requested cancel")]
+
+    def _take_init_allowance(self) -> None:
+        now = self._clock()
+        cfg = self.config
+        self._init_allowance = min(
+            float(cfg.init_burst),
+            self._init_allowance + (now - self._allowance_at) * cfg.init_refill_per_s,
+        )
+        self._allowance_at = now
+        if self._init_allowance < 1.0:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, "too many session inits on this connection; slow down"
+            )
+        self._init_allowance -= 1.0
+
+    def _on_encrypted_init(self, message: EncryptedSessionInit) -> list[Action]:
+        if self.host_key is None:
+            raise ProtocolError(
+                ErrorCode.ENCRYPTION_NOT_SUPPORTED, "this node has no host key; use plaintext mode"
+            )
+        self._take_init_allowance()
+        payload = message.payload
+        data = open_session_init(self.host_key, payload)
+        try:
+            allowed = self.config.allowed_clients
+            if allowed is not None and data.client_address.lower() not in allowed:
+                raise ProtocolError(
+                    ErrorCode.SESSION_AUTH_DENIED,
+                    f"client {data.client_address} is not allowed on this node",
+                )
+            if not self.replay_cache.has_room():
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
+                )
+            if not self.replay_cache.add(payload.replay_key()):
+                raise ProtocolError(
+                    ErrorCode.REPLAY_DETECTED, "this session init was already used (replay)"
+                )
+        except BaseException:
+            data.session_key.wipe()
+            raise
+        actions: list[Action] = []
+        old = self.sessions.get(message.session_id)
+        continues = (
+            old is not None
+            and old.encrypted
+            and old.job_id == data.job_id
+            and old.chain_id == message.chain_id
+            and old.client_address == data.client_address
+            and old.price_per_token == data.price_per_token
+            and old.model_name == data.model_name
+        )
+        if old is not None and continues:
+            # Same job, client and terms: the session goes on under a fresh key.
+            old.wipe()
+            old.key = data.session_key
+            old.next_index = 0
+            old.created_at = self._clock()
+            old.vector_database = data.vector_database
+        else:
+            if old is not None:
+                del self.sessions[message.session_id]
+                old.wipe()
+                actions.append(SessionEnded(old, "reinit"))
+            session = Session(
+                session_id=message.session_id,
+                job_id=data.job_id,
+                chain_id=message.chain_id,
+                encrypted=True,
+                created_at=self._clock(),
+                key=data.session_key,
+                client_address=data.client_address,
+                model_name=data.model_name,
+                price_per_token=data.price_per_token,
+                vector_database=data.vector_database,
+            )
+            self.sessions[message.session_id] = session
+            actions.append(SessionStarted(session))
+        self.used_encryption = True
+        actions.append(
+            Send(
+                SessionInitAck(
+                    session_id=message.session_id,
+                    job_id=data.job_id,
+                    chain_id=message.chain_id,
+                    message=ENCRYPTED_ACK_TEXT,
+                    client_address=data.client_address,
+                    id=message.id,
+                )
+            )
+        )
+        return actions
+
+    def _session_for_message(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.key is None:
+            raise ProtocolError(
+                ErrorCode.SESSION_KEY_NOT_FOUND,
+                f"no encrypted session {session_id} on this connection; send "
+                "encrypted_session_init first",
+            )
+        return session
+
+    def _on_encrypted_message(self, message: EncryptedMessage) -> list[Action]:
+        if self.host_key is None:
+            raise ProtocolError(
+                ErrorCode.ENCRYPTION_NOT_SUPPORTED, "this node has no host key; use plaintext mode"
+            )
+        session = self._session_for_message(message.session_id)
+        if self._clock() - session.created_at >= self.config.session_ttl_s:
+            self.sessions.pop(session.session_id, None)
+            session.wipe()
+            actions: list[Action] = [SessionEnded(session, "expired")]
+            actions += self._error(
+                ProtocolError(
+                    ErrorCode.SESSION_EXPIRED,
+                    f"session {session.session_id} expired; send a new encrypted_session_init",
+                ),
+                message.id,
+                message.session_id,
+            )
+            return actions
+        payload = message.payload
+        if payload.index < session.next_index:
+            raise ProtocolError(
+                ErrorCode.REPLAY_DETECTED,
+                f"message_{payload.index} is older than the next expected index "
+                f"{session.next_index} (replay)",
+            )
+        assert session.key is not None
+        with aead.open_secret(session.key, payload.nonce, payload.ciphertext, payload.aad) as raw:
+            session.next_index = payload.index + 1
+            try:
+                text = raw.view().tobytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(
+                    ErrorCode.INVALID_PAYLOAD, "decrypted message is not UTF-8 text"
+                ) from None
+        request = parse_request_plaintext(text)
+        del text
+        self.active = ActiveRequest(session, message.id)
+        return [StartRequest(request, session, message.id)]
+
+    def _plaintext_allowed(self) -> list[Action]:
+        if self.config.require_encryption:
+            raise ProtocolError(
+                ErrorCode.ENCRYPTION_REQUIRED,
+                "this node requires encryption; use encrypted_session_init",
+            )
+        if self.used_encryption:
+            raise ProtocolError(
+                ErrorCode.MIXED_MODE_REJECTED,
+                "this connection holds an encrypted session; plaintext requests are refused",
+            )
+        if self.used_plaintext:
+            return []
+        self.used_plaintext = True
+        return [PlaintextDeprecated()]
+
+    def _on_plaintext_init(self, message: SessionInit) -> list[Action]:
+        actions = self._plaintext_allowed()
+        old = self.sessions.pop(message.session_id, None)
+        if old is not None and old.job_id != message.job_id:
+            actions.append(SessionEnded(old, "reinit"))
+        if old is not None and old.job_id == message.job_id:
+            session = old
+        else:
+            session = Session(
+                session_id=message.session_id,
+                job_id=message.job_id,
+                chain_id=message.chain_id,
+                encrypted=False,
+                created_at=self._clock(),
+            )
+            actions.append(SessionStarted(session))
+        self.sessions[message.session_id] = session
+        actions.append(
+            Send(
+                SessionInitAck(
+                    session_id=message.session_id,
+                    job_id=message.job_id,
+                    chain_id=message.chain_id,
+                    message=PLAINTEXT_ACK_TEXT,
+                    id=message.id,
+                )
+            )
+        )
+        return actions
+
+    def _on_prompt(self, message: PromptRequest) -> list[Action]:
+        actions = self._plaintext_allowed()
+        session = self.sessions.get(message.session_id) if message.session_id else None
+        if session is None and message.session_id:
+            # An old client that never sent session_init: the prompt opens the session.
+            session = Session(
+                session_id=message.session_id,
+                job_id=None,
+                chain_id=0,
+                encrypted=False,
+                created_at=self._clock(),
+            )
+            self.sessions[message.session_id] = session
+            actions.append(SessionStarted(session))
+        if session is None:
+            if self._anonymous is None:
+                self._anonymous = Session(
+                    session_id="",
+                    job_id=None,
+                    chain_id=0,
+                    encrypted=False,
+                    created_at=self._clock(),
+                )
+                actions.append(SessionStarted(self._anonymous))
+            session = self._anonymous
+        self.active = ActiveRequest(session, message.id)
+        actions.append(StartRequest(InferenceRequest.from_prompt(message), session, message.id))
+        return actions
+
+    # ---------------------------------------------------------------- output
+
+    def _error(
+        self, exc: NodeError, request_id: RequestId | None, session_id: str | None
+    ) -> list[Action]:
+        extra = exc.extra if isinstance(exc, ProtocolError) else getattr(exc, "wire_extra", {})
+        actions: list[Action] = [
+            Send(ErrorMessage(exc.code.value, exc.message, request_id, session_id, dict(extra)))
+        ]
+        if exc.code not in _NODE_SIDE_CODES:
+            self.error_count += 1
+            if self.error_count >= self.config.max_errors:
+                actions.append(
+                    Close(CLOSE_POLICY_VIOLATION, "too many protocol errors on this connection")
+                )
+        return actions
+
+    def piece(self, text: str, tokens: int) -> OutboundMessage:
+        """One frame for one piece of generated text of the active request."""
+        active = self.active
+        if active is None:
+            raise RuntimeError("no request is streaming")
+        active.completion_tokens += tokens
+        session = active.session
+        if session.key is None:
+            return StreamChunk(text, tokens, active.request_id, session.session_id or None)
+        index = active.next_chunk
+        active.next_chunk = index + 1
+        return self._chunk(active, text.encode("utf-8"), tokens, index, final=False)
+
+    def _chunk(
+        self, active: ActiveRequest, data: bytes, tokens: int, index: int, *, final: bool
+    ) -> EncryptedChunk:
+        session = active.session
+        assert session.key is not None
+        nonce = self._rng(aead.NONCE_SIZE)
+        aad = b"chunk_%d" % index
+        return EncryptedChunk(
+            tokens=tokens,
+            payload=ChunkPayload(aead.seal(session.key, nonce, data, aad), nonce, aad, index),
+            id=active.request_id,
+            session_id=session.session_id,
+            final=final,
+        )
+
+    def finish(
+        self, finish_reason: str, *, prompt_tokens: int, completion_tokens: int | None = None
+    ) -> list[OutboundMessage]:
+        """The closing frames of the active request (PROTOCOL.md section 4)."""
+        if finish_reason not in FINISH_REASONS:
+            raise ValueError(f"unknown finish reason {finish_reason!r}")
+        active = self.active
+        if active is None:
+            raise RuntimeError("no request is streaming")
+        self.active = None
+        completion = active.completion_tokens if completion_tokens is None else completion_tokens
+        session = active.session
+        frames: list[OutboundMessage] = []
+        if session.key is not None and not session.key.wiped:
+            frames.append(self._chunk(active, b"", 0, active.next_chunk, final=True))
+            nonce = self._rng(aead.NONCE_SIZE)
+            sealed = aead.seal(session.key, nonce, finish_reason.encode(), RESPONSE_FINAL_AAD)
+            frames.append(
+                EncryptedResponse(
+                    ChunkPayload(sealed, nonce, RESPONSE_FINAL_AAD),
+                    active.request_id,
+                    session.session_id,
+                )
+            )
+        reason = {"cancelled": "cancelled", "error": "error"}.get(finish_reason, "complete")
+        frames.append(
+            StreamEnd(
+                reason=reason,
+                tokens_used=completion,
+                finish_reason=finish_reason,
+                usage=Usage(prompt_tokens, completion, prompt_tokens + completion),
+                id=active.request_id,
+                session_id=session.session_id or None,
+            )
+        )
+        return frames
+
+    def fail(
+        self, error: NodeError, *, prompt_tokens: int = 0, completion_tokens: int | None = None
+    ) -> list[Action]:
+        """End the active request with an ``error`` frame, then the error ending."""
+        active = self.active
+        if active is None:
+            raise RuntimeError("no request is streaming")
+        actions = self._error(error, active.request_id, active.session.session_id or None)
+        frames = self.finish(
+            "error", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        )
+        return actions[:1] + [Send(f) for f in frames] + actions[1:]
+
+    # ---------------------------------------------------------------- lifetime
+
+    def expire_sessions(self) -> list[Action]:
+        """Drop (and wipe) encrypted sessions whose TTL has passed, except the streaming one."""
+        now = self._clock()
+        actions: list[Action] = []
+        busy = self.active.session if self.active is not None else None
+        for sid, session in list(self.sessions.items()):
+            if session is busy or not session.encrypted:
+                continue
+            if now - session.created_at >= self.config.session_ttl_s:
+                del self.sessions[sid]
+                session.wipe()
+                actions.append(SessionEnded(session, "expired"))
+        return actions
+
+    def close(self, reason: str = "closed") -> list[SessionEnded]:
+        """Wipe every key this connection holds; report the sessions that ended."""
+        ended: list[SessionEnded] = []
+        self.closed = True
+        self.active = None
+        for session in self.sessions.values():
+            session.wipe()
+            ended.append(SessionEnded(session, reason))
+        if self._anonymous is not None and self._anonymous not in self.sessions.values():
+            ended.append(SessionEnded(self._anonymous, reason))
+            self._anonymous = None
+        self.sessions.clear()
+        return ended
+
+
+def _id_of(message: InboundMessage) -> RequestId | None:
+    return message.id
+
+
+def _session_of(message: InboundMessage) -> str | None:
+    return getattr(message, "session_id", None)

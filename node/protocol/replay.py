@@ -1,0 +1,61 @@
+"""The init replay cache shared by all connections of a node."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+class InitReplayCache:
+    """Remembers (ephemeral key, nonce) pairs of accepted inits for ``window_s`` seconds.
+
+    Memory is bounded by ``max_entries`` (32-byte digests). When the cache is full of
+    entries that are all still inside the window, :meth:`has_room` is false and the node
+    refuses new inits with ``RATE_LIMITED`` rather than forgetting a pair early, which
+    would reopen a replay hole. Time comes from ``clock`` (injectable for tests).
+    """
+
+    def __init__(
+        self, *, window_s: float, max_entries: int = 1_000_000, clock: Callable[[], float]
+    ) -> None:
+        if window_s <= 0 or max_entries <= 0:
+            raise ValueError("window_s and max_entries must be positive")
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _expire(self, now: float) -> None:
+        seen = self._seen
+        while seen:
+            _, at = next(iter(seen.items()))
+            if now - at < self.window_s:
+                break
+            seen.popitem(last=False)
+
+    @staticmethod
+    def _digest(key: bytes) -> bytes:
+        return hashlib.sha256(key).digest()
+
+    def seen(self, key: bytes) -> bool:
+        now = self._clock()
+        self._expire(now)
+        return self._digest(key) in self._seen
+
+    def has_room(self) -> bool:
+        self._expire(self._clock())
+        return len(self._seen) < self.max_entries
+
+    def add(self, key: bytes) -> bool:
+        """Record ``key``; False when it was already there (a replay) or there is no room."""
+        now = self._clock()
+        self._expire(now)
+        digest = self._digest(key)
+        if digest in self._seen or len(self._seen) >= self.max_entries:
+            return False
+        self._seen[digest] = now
+        return True
