@@ -1,0 +1,855 @@
+"""The usage ledger: an SQLite file holding every completed request and every receipt.
+
+Durability. The database runs in WAL mode with ``synchronous=FULL``: once a write method
+returns, its transaction is on disk and survives a crash or power loss of the node.
+The server awaits :meth:`Ledger.record_request` before it sends ``stream_end`` and
+:meth:`Ledger.close_session` before a connection's scope finishes, so a client never
+sees usage that is not recorded.
+
+Threading. :class:`LedgerStore` is the synchronous core. It owns one ``sqlite3``
+connection opened with ``check_same_thread=False`` and guards every use of it with a
+``threading.Lock``, so exactly one thread touches the connection at a time.
+:class:`Ledger` is the Trio face the server uses: each write takes a ``trio.Lock``
+(waiting tasks queue in Trio, not in worker threads) and then runs the store method in
+a worker thread with ``trio.to_thread.run_sync``, off the event loop. Writes are
+shielded from cancellation: once called they finish and commit even when the
+connection's scope is being cancelled (disconnect, idle timeout, shutdown), which is
+what makes ``close_session`` safe to await in a ``finally`` block.
+
+One ledger file belongs to one node process. At open, the node turns sessions that a
+previous process left without a receipt (it crashed or was killed) into receipts with
+end reason ``recovered_after_restart``; the CLI opens with ``recover=False`` so that it
+never closes a running node's sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import attrs
+import trio
+
+from node.crypto.encoding import decode_hex
+from node.crypto.errors import CryptoError
+from node.crypto.hostkey import HostKey
+from node.settlement.errors import LedgerError, ReceiptError
+from node.settlement.receipt import (
+    MAX_AMOUNT,
+    Receipt,
+    SignedReceipt,
+    Verification,
+    VerificationStatus,
+    parse_decimal,
+    sign_receipt,
+    verify_receipt,
+)
+from node.settlement.schema import migrate
+from node.settlement.usage import (
+    MAX_TOKENS,
+    EndReason,
+    RequestUsage,
+    SessionIdentity,
+    SessionUsage,
+    check_text,
+    check_uint,
+    format_timestamp,
+)
+
+ENV_DATA_DIR = "LLM_NODE_DATA_DIR"
+LEDGER_FILENAME = "ledger.sqlite3"
+MAX_REQUEST_ID = 256
+
+T = TypeVar("T")
+
+
+def default_ledger_path(environ: Mapping[str, str] | None = None) -> Path:
+    """``$LLM_NODE_DATA_DIR/ledger.sqlite3`` when set, else
+    ``$XDG_DATA_HOME/llm-node/ledger.sqlite3`` (``~/.local/share`` when that is unset)."""
+    env = os.environ if environ is None else environ
+    data_dir = env.get(ENV_DATA_DIR)
+    if data_dir:
+        return Path(data_dir).expanduser() / LEDGER_FILENAME
+    xdg = env.get("XDG_DATA_HOME")
+    if xdg and Path(xdg).is_absolute():
+        base = Path(xdg)
+    else:
+        home = env.get("HOME")
+        base = (Path(home) if home else Path.home()) / ".local" / "share"
+    return base / "llm-node" / LEDGER_FILENAME
+
+
+def _request_id_text(value: object) -> str | None:
+    """The envelope ``id`` as text: whatever JSON value the client sent, bounded."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:MAX_REQUEST_ID]
+
+
+def _decimal_or_none(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+@attrs.frozen
+class RequestTotals:
+    count: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@attrs.frozen
+class StoredReceipt:
+    """A receipts row as stored, with what ``receipts verify`` needs to judge it."""
+
+    sequence: int
+    session_uid: int
+    columns: dict[str, Any]
+    canonical_json: str
+    request_totals: RequestTotals
+    submission_status: str | None
+
+    def signed_receipt(self) -> SignedReceipt:
+        """The receipt rebuilt from the row's columns (not from ``canonical_json``)."""
+        c = self.columns
+        try:
+            job = c["job_id"]
+            receipt = Receipt(
+                version=c["version"],
+                sequence=self.sequence,
+                session_id=c["session_id"],
+                job_id=None if job is None else parse_decimal("job_id", job),
+                chain_id=c["chain_id"],
+                client_address=c["client_address"],
+                host_address=c["host_address"],
+                model=c["model"],
+                prompt_tokens=c["prompt_tokens"],
+                completion_tokens=c["completion_tokens"],
+                request_count=c["request_count"],
+                price_per_token=parse_decimal("price_per_token", c["price_per_token"]),
+                encrypted=bool(c["encrypted"]) if c["encrypted"] in (0, 1) else c["encrypted"],
+                started_at=c["started_at"],
+                ended_at=c["ended_at"],
+                end_reason=c["end_reason"],
+            )
+        except (TypeError, ValueError) as exc:
+            raise ReceiptError(f"receipt row {self.sequence}: {exc}") from None
+        if c["total_tokens"] != receipt.total_tokens:
+            raise ReceiptError("total_tokens column is not prompt + completion")
+        if parse_decimal("amount", c["amount"], limit=MAX_AMOUNT) != receipt.amount:
+            raise ReceiptError("amount column is not total_tokens * price_per_token")
+        sig_hex = c["signature"]
+        if sig_hex is None:
+            signature = None
+        elif isinstance(sig_hex, str):
+            try:
+                signature = decode_hex(sig_hex, "signature")
+            except CryptoError as exc:
+                raise ReceiptError(exc.message) from None
+        else:
+            raise ReceiptError("signature column is not hex text")
+        if c["signed"] != (1 if signature is not None else 0):
+            raise ReceiptError("signed column disagrees with the signature column")
+        return SignedReceipt(receipt, signature)
+
+    def verify(self, *, host_address: str | None = None) -> Verification:
+        """Columns parse and agree with the signed text, the signature is the named
+        host's (or the receipt is honestly unsigned), and the session's request rows sum
+        to the receipt's counts."""
+        try:
+            signed = self.signed_receipt()
+        except ReceiptError as exc:
+            return Verification(VerificationStatus.INVALID, f"malformed row: {exc.message}")
+        if signed.receipt.canonical_json() != self.canonical_json:
+            return Verification(
+                VerificationStatus.INVALID, "row columns differ from the signed receipt text"
+            )
+        verdict = verify_receipt(signed, host_address=host_address)
+        if not verdict.ok:
+            return verdict
+        receipt = signed.receipt
+        totals = self.request_totals
+        if (totals.count, totals.prompt_tokens, totals.completion_tokens) != (
+            receipt.request_count,
+            receipt.prompt_tokens,
+            receipt.completion_tokens,
+        ):
+            return Verification(
+                VerificationStatus.INVALID,
+                f"request rows hold {totals.count} requests, {totals.prompt_tokens}+"
+                f"{totals.completion_tokens} tokens; the receipt says {receipt.request_count}"
+                f", {receipt.prompt_tokens}+{receipt.completion_tokens}",
+                verdict.signer,
+            )
+        return verdict
+
+
+def _sqlite_message(exc: sqlite3.Error) -> str:
+    text = str(exc) or type(exc).__name__
+    if "unable to open database file" in text:
+        text += " (check that the directory exists and is writable)"
+    return text
+
+
+class LedgerStore:
+    """Synchronous ledger over one SQLite connection (thread-safe by a lock)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._path = path
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> LedgerStore:
+        """Open (creating when ``create``) and migrate the ledger at ``path``.
+
+        ``create=True`` is the node's mode: it also proves the file writable by
+        writing ``last_opened_at``. ``create=False`` (the CLI) refuses a missing file.
+
+        Every problem with the path raises :class:`LedgerError` here, before the node
+        serves anyone: missing directory that cannot be created, read-only directory or
+        file, a directory where the file should be, a file that is not SQLite.
+        """
+        target = Path(path).expanduser()
+        if target.is_dir():
+            raise LedgerError(
+                f"ledger path {target} is a directory; give a file path such as "
+                f"{target / LEDGER_FILENAME}"
+            )
+        if not target.exists():
+            if not create:
+                raise LedgerError(f"no ledger at {target}")
+            parent = target.parent
+            try:
+                parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LedgerError(
+                    f"cannot create the ledger directory {parent}: {exc.strerror or exc}"
+                ) from None
+            if not parent.is_dir():
+                raise LedgerError(f"cannot create the ledger: {parent} is not a directory")
+            try:
+                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise LedgerError(
+                    f"cannot create the ledger file {target}: {exc.strerror or exc}"
+                ) from None
+            else:
+                os.close(fd)
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                str(target), timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise LedgerError(
+                    f"cannot open the ledger {target}: the database refused WAL mode "
+                    f"(it stays in {mode!r}); is the file or its directory read-only?"
+                )
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            migrate(conn)
+            if create:
+                # A real write at start-up, so that a read-only file fails here and not
+                # in the middle of the first session.
+                now = format_timestamp(wall_clock())
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)", (now,)
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_opened_at', ?)",
+                    (now,),
+                )
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise LedgerError(f"cannot open the ledger {target}: {_sqlite_message(exc)}") from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return cls(conn, target)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """The connection, held by this thread alone; sqlite errors become LedgerError."""
+        with self._lock:
+            if self._conn is None:
+                raise LedgerError(f"ledger {self._path} is closed (cannot {doing})")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise LedgerError(
+                    f"ledger {self._path}: cannot {doing}: {_sqlite_message(exc)}"
+                ) from None
+
+    @staticmethod
+    @contextmanager
+    def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @staticmethod
+    def _insert_session(
+        conn: sqlite3.Connection, identity: SessionIdentity, started_at: str
+    ) -> int:
+        cur = conn.execute(
+            "INSERT INTO sessions (session_id, job_id, chain_id, client_address, model, "
+            "price_per_token, encrypted, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                identity.session_id,
+                _decimal_or_none(identity.job_id),
+                identity.chain_id,
+                identity.client_address,
+                identity.model,
+                str(identity.price_per_token),
+                int(identity.encrypted),
+                started_at,
+            ),
+        )
+        uid = cur.lastrowid
+        assert uid is not None
+        return uid
+
+    @staticmethod
+    def _totals(conn: sqlite3.Connection, uid: int) -> RequestTotals:
+        count, prompt, completion = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
+            "COALESCE(SUM(completion_tokens), 0) FROM requests WHERE session_uid = ?",
+            (uid,),
+        ).fetchone()
+        return RequestTotals(int(count), int(prompt), int(completion))
+
+    # -- writes --------------------------------------------------------------------
+
+    def record_request(
+        self,
+        *,
+        uid: int | None,
+        identity: SessionIdentity,
+        started_at: str,
+        request: RequestUsage,
+    ) -> int:
+        """Commit one request row; creates the session row first when ``uid`` is None.
+        Returns the session's ledger uid."""
+        with self._locked("record the request") as conn, self._transaction(conn):
+            if uid is None:
+                uid = self._insert_session(conn, identity, started_at)
+            elif conn.execute("SELECT 1 FROM receipts WHERE session_uid = ?", (uid,)).fetchone():
+                raise LedgerError(f"session {identity.session_id} already has a receipt")
+            conn.execute(
+                "INSERT INTO requests (session_uid, session_id, job_id, request_id, model, "
+                "prompt_tokens, completion_tokens, finish_reason, usage_estimated, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uid,
+                    identity.session_id,
+                    _decimal_or_none(identity.job_id),
+                    request.request_id,
+                    request.model,
+                    request.prompt_tokens,
+                    request.completion_tokens,
+                    request.finish_reason,
+                    int(request.usage_estimated),
+                    request.created_at,
+                ),
+            )
+        return uid
+
+    def _write_receipt(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        uid: int,
+        identity: SessionIdentity,
+        started_at: str,
+        ended_at: str,
+        end_reason: str,
+        host_key: HostKey | None,
+    ) -> SignedReceipt:
+        totals = self._totals(conn, uid)
+        (sequence,) = conn.execute("SELECT COALESCE(MAX(sequence), 0) + 1 FROM receipts").fetchone()
+        receipt = Receipt(
+            sequence=int(sequence),
+            session_id=identity.session_id,
+            job_id=identity.job_id,
+            chain_id=identity.chain_id,
+            client_address=identity.client_address,
+            host_address=None if host_key is None else host_key.address,
+            model=identity.model,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            request_count=totals.count,
+            price_per_token=identity.price_per_token,
+            encrypted=identity.encrypted,
+            started_at=started_at,
+            ended_at=ended_at,
+            end_reason=end_reason,
+        )
+        signed = sign_receipt(receipt, host_key)
+        conn.execute(
+            "INSERT INTO receipts (sequence, session_uid, version, session_id, job_id, "
+            "chain_id, client_address, host_address, model, prompt_tokens, "
+            "completion_tokens, total_tokens, request_count, price_per_token, amount, "
+            "encrypted, started_at, ended_at, end_reason, canonical_json, signature, signed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                receipt.sequence,
+                uid,
+                receipt.version,
+                receipt.session_id,
+                _decimal_or_none(receipt.job_id),
+                receipt.chain_id,
+                receipt.client_address,
+                receipt.host_address,
+                receipt.model,
+                receipt.prompt_tokens,
+                receipt.completion_tokens,
+                receipt.total_tokens,
+                receipt.request_count,
+                str(receipt.price_per_token),
+                str(receipt.amount),
+                int(receipt.encrypted),
+                receipt.started_at,
+                receipt.ended_at,
+                receipt.end_reason,
+                receipt.canonical_json(),
+                signed.signature_hex,
+                int(signed.signed),
+            ),
+        )
+        return signed
+
+    def close_session(
+        self,
+        *,
+        uid: int | None,
+        identity: SessionIdentity,
+        started_at: str,
+        ended_at: str,
+        end_reason: str,
+        host_key: HostKey | None,
+    ) -> tuple[int, SignedReceipt]:
+        """Write the session's receipt (token counts summed from its request rows),
+        signed when ``host_key`` is given. Returns (ledger uid, receipt)."""
+        with self._locked("write the receipt") as conn, self._transaction(conn):
+            if uid is None:
+                uid = self._insert_session(conn, identity, started_at)
+            elif conn.execute("SELECT 1 FROM receipts WHERE session_uid = ?", (uid,)).fetchone():
+                raise LedgerError(f"session {identity.session_id} already has a receipt")
+            signed = self._write_receipt(
+                conn,
+                uid=uid,
+                identity=identity,
+                started_at=started_at,
+                ended_at=ended_at,
+                end_reason=end_reason,
+                host_key=host_key,
+            )
+        return uid, signed
+
+    def recover_open_sessions(self, *, host_key: HostKey | None) -> list[SignedReceipt]:
+        """Receipts for sessions a previous process left open (it crashed or was killed).
+
+        ``ended_at`` is the session's last recorded request (or its start): the last
+        moment the ledger knows it was alive.
+        """
+        out: list[SignedReceipt] = []
+        with self._locked("recover open sessions") as conn, self._transaction(conn):
+            rows = conn.execute(
+                "SELECT s.session_uid, s.session_id, s.job_id, s.chain_id, s.client_address, "
+                "s.model, s.price_per_token, s.encrypted, s.started_at, "
+                "(SELECT MAX(created_at) FROM requests r WHERE r.session_uid = s.session_uid) "
+                "FROM sessions s LEFT JOIN receipts x ON x.session_uid = s.session_uid "
+                "WHERE x.sequence IS NULL ORDER BY s.session_uid"
+            ).fetchall()
+            for uid, sid, job, chain, client, model, price, enc, started, last in rows:
+                try:
+                    identity = SessionIdentity(
+                        session_id=sid,
+                        job_id=None if job is None else int(job),
+                        chain_id=chain,
+                        client_address=client,
+                        model=model,
+                        price_per_token=int(price),
+                        encrypted=bool(enc),
+                    )
+                except (TypeError, ValueError) as exc:
+                    raise LedgerError(
+                        f"ledger {self._path}: open session row {uid} is malformed ({exc}); "
+                        "it cannot be turned into a receipt"
+                    ) from None
+                out.append(
+                    self._write_receipt(
+                        conn,
+                        uid=uid,
+                        identity=identity,
+                        started_at=started,
+                        ended_at=last or started,
+                        end_reason=EndReason.RECOVERED.value,
+                        host_key=host_key,
+                    )
+                )
+        return out
+
+    def record_submission(
+        self,
+        sequence: int,
+        *,
+        submitter: str,
+        status: str,
+        tx_hash: str | None,
+        detail: str | None,
+        updated_at: str,
+    ) -> None:
+        with self._locked("record the submission") as conn, self._transaction(conn):
+            conn.execute(
+                "INSERT INTO submissions (sequence, status, submitter, tx_hash, detail, "
+                "attempts, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT (sequence) DO UPDATE SET status = excluded.status, "
+                "submitter = excluded.submitter, tx_hash = excluded.tx_hash, "
+                "detail = excluded.detail, attempts = submissions.attempts + 1, "
+                "updated_at = excluded.updated_at",
+                (sequence, status, submitter, tx_hash, detail, updated_at),
+            )
+
+    # -- reads ---------------------------------------------------------------------
+
+    _RECEIPT_SELECT = (
+        "SELECT r.*, s.status AS submission_status FROM receipts r "
+        "LEFT JOIN submissions s ON s.sequence = r.sequence "
+    )
+
+    def _stored(self, conn: sqlite3.Connection, row: sqlite3.Row) -> StoredReceipt:
+        columns = dict(zip(row.keys(), tuple(row), strict=True))
+        sequence = columns.pop("sequence")
+        canonical = columns.pop("canonical_json")
+        status = columns.pop("submission_status")
+        uid = columns["session_uid"]
+        return StoredReceipt(
+            sequence=sequence,
+            session_uid=uid,
+            columns=columns,
+            canonical_json=canonical,
+            request_totals=self._totals(conn, uid),
+            submission_status=status,
+        )
+
+    def _select(self, conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.row_factory = None
+
+    def receipt(self, sequence: int) -> StoredReceipt | None:
+        with self._locked("read the receipt") as conn:
+            rows = self._select(conn, self._RECEIPT_SELECT + "WHERE r.sequence = ?", (sequence,))
+            return self._stored(conn, rows[0]) if rows else None
+
+    def receipts_page(self, *, after: int = 0, limit: int = 500) -> list[StoredReceipt]:
+        with self._locked("read receipts") as conn:
+            rows = self._select(
+                conn,
+                self._RECEIPT_SELECT + "WHERE r.sequence > ? ORDER BY r.sequence LIMIT ?",
+                (after, limit),
+            )
+            return [self._stored(conn, row) for row in rows]
+
+    def iter_receipts(self, *, batch: int = 500) -> Iterator[StoredReceipt]:
+        """Every receipt in sequence order, read in pages (the lock is not held between)."""
+        after = 0
+        while page := self.receipts_page(after=after, limit=batch):
+            yield from page
+            after = page[-1].sequence
+
+    def pending_submissions(self, *, limit: int = 100) -> list[SignedReceipt]:
+        """Receipts never handed to a submitter, or whose last attempt failed."""
+        with self._locked("read pending submissions") as conn:
+            rows = self._select(
+                conn,
+                self._RECEIPT_SELECT + "WHERE s.sequence IS NULL OR s.status = 'failed' "
+                "ORDER BY r.sequence LIMIT ?",
+                (limit,),
+            )
+            stored = [self._stored(conn, row) for row in rows]
+        return [s.signed_receipt() for s in stored]
+
+    def requests_for(self, session_uid: int) -> list[RequestUsage]:
+        with self._locked("read requests") as conn:
+            rows = conn.execute(
+                "SELECT request_id, model, prompt_tokens, completion_tokens, finish_reason, "
+                "usage_estimated, created_at FROM requests WHERE session_uid = ? ORDER BY id",
+                (session_uid,),
+            ).fetchall()
+        return [
+            RequestUsage(
+                request_id=rid,
+                model=model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                finish_reason=finish,
+                usage_estimated=bool(estimated),
+                created_at=created,
+            )
+            for rid, model, prompt, completion, finish, estimated, created in rows
+        ]
+
+    def submission(self, sequence: int) -> dict[str, Any] | None:
+        with self._locked("read the submission") as conn:
+            rows = self._select(conn, "SELECT * FROM submissions WHERE sequence = ?", (sequence,))
+            return dict(zip(rows[0].keys(), tuple(rows[0]), strict=True)) if rows else None
+
+    def pragma(self, name: str) -> Any:
+        if not name.isidentifier():
+            raise ValueError("not a pragma name")
+        with self._locked("read a pragma") as conn:
+            return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+    def integrity_check(self) -> str:
+        """``ok`` when SQLite finds nothing wrong; otherwise its first complaint."""
+        return str(self.pragma("integrity_check"))
+
+
+class Ledger:
+    """The server's handle on the ledger (Trio). Build it with :meth:`open`.
+
+    Wiring in the per-connection driver::
+
+        usage = ledger.start_session(identity)            # after a successful init
+        ...
+        await ledger.record_request(usage, request_id=msg_id, prompt_tokens=p,
+                                    completion_tokens=c, finish_reason=reason)
+        await send(stream_end)                            # only after the commit
+        ...
+        finally:
+            await ledger.close_session(usage, end_reason)  # shielded internally
+    """
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        *,
+        host_key: HostKey | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        offload: bool = True,
+    ) -> None:
+        self.store = store
+        self._host_key = host_key
+        self._wall_clock = wall_clock
+        self._offload = offload
+        self._lock = trio.Lock()
+        self.recovered: list[SignedReceipt] = []
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        host_key: HostKey | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        recover: bool = True,
+        offload: bool = True,
+    ) -> Ledger:
+        """Open the ledger before the server listens; raises :class:`LedgerError`.
+
+        ``host_key`` signs receipts (``None``: plaintext-only node, unsigned receipts).
+        ``recover`` writes receipts for sessions a previous process left open (listed in
+        :attr:`recovered`). ``offload=False`` runs writes on the event loop thread instead
+        of a worker thread: for tests that use Trio's autojumping ``MockClock``, whose
+        clock would otherwise jump while the loop waits for the worker.
+        """
+        store = LedgerStore.open(path, wall_clock=wall_clock)
+        ledger = cls(store, host_key=host_key, wall_clock=wall_clock, offload=offload)
+        if recover:
+            try:
+                ledger.recovered = store.recover_open_sessions(host_key=host_key)
+            except BaseException:
+                store.close()
+                raise
+        return ledger
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def host_address(self) -> str | None:
+        return None if self._host_key is None else self._host_key.address
+
+    def close(self) -> None:
+        """Close the database. Call after every connection's scope has finished."""
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        # Shielded: a write that has been asked for completes and commits even while
+        # the caller's scope is cancelled; the worker thread is never abandoned.
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                if self._offload:
+                    result = await trio.to_thread.run_sync(fn)
+                else:
+                    result = fn()
+        return result
+
+    def start_session(self, identity: SessionIdentity) -> SessionUsage:
+        """Begin accounting for a session (no I/O; its row is written with its first
+        request or its receipt). Call once per successful init."""
+        return SessionUsage(identity=identity, started_at=format_timestamp(self._wall_clock()))
+
+    async def record_request(
+        self,
+        usage: SessionUsage,
+        *,
+        request_id: object,
+        prompt_tokens: int,
+        completion_tokens: int,
+        finish_reason: str,
+        usage_estimated: bool = False,
+        model: str | None = None,
+    ) -> RequestUsage:
+        """Commit one completed request's exact token counts, then add them to
+        ``usage``. Await this before sending ``stream_end``. ``request_id`` is the
+        envelope ``id`` (any JSON value, stored as text); ``model`` defaults to the
+        session's."""
+        check_uint("prompt_tokens", prompt_tokens, limit=MAX_TOKENS)
+        check_uint("completion_tokens", completion_tokens, limit=MAX_TOKENS)
+        check_text("finish_reason", finish_reason, limit=64)
+        if not isinstance(usage_estimated, bool):
+            raise TypeError("usage_estimated must be a bool")
+        request = RequestUsage(
+            request_id=_request_id_text(request_id),
+            model=check_text("model", model) if model is not None else usage.identity.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason=finish_reason,
+            usage_estimated=usage_estimated,
+            created_at=format_timestamp(self._wall_clock()),
+        )
+
+        def write() -> None:
+            if usage.closed:
+                raise LedgerError(f"session {usage.identity.session_id} is already closed")
+            usage.ledger_uid = self.store.record_request(
+                uid=usage.ledger_uid,
+                identity=usage.identity,
+                started_at=usage.started_at,
+                request=request,
+            )
+
+        await self._run(write)
+        usage.add(prompt_tokens, completion_tokens)
+        return request
+
+    async def close_session(self, usage: SessionUsage, end_reason: str) -> SignedReceipt:
+        """Write the session's one receipt and return it. Idempotent: a second call
+        returns the same receipt. Safe to await in a ``finally`` of a cancelled scope."""
+        check_text("end_reason", end_reason, limit=64)
+        ended_at = format_timestamp(self._wall_clock())
+
+        def write() -> SignedReceipt:
+            if usage.receipt is not None:
+                return usage.receipt
+            uid, signed = self.store.close_session(
+                uid=usage.ledger_uid,
+                identity=usage.identity,
+                started_at=usage.started_at,
+                ended_at=ended_at,
+                end_reason=str(end_reason),
+                host_key=self._host_key,
+            )
+            usage.ledger_uid = uid
+            usage.receipt = signed
+            return signed
+
+        return await self._run(write)
+
+    async def pending_submissions(self, *, limit: int = 100) -> list[SignedReceipt]:
+        return await self._run(lambda: self.store.pending_submissions(limit=limit))
+
+    async def record_submission(
+        self,
+        sequence: int,
+        *,
+        submitter: str,
+        status: str,
+        tx_hash: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        updated_at = format_timestamp(self._wall_clock())
+        await self._run(
+            lambda: self.store.record_submission(
+                sequence,
+                submitter=submitter,
+                status=status,
+                tx_hash=tx_hash,
+                detail=detail,
+                updated_at=updated_at,
+            )
+        )
