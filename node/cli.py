@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from node import __version__
+from node.config import NodeConfig
 from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import ENV_VAR, HostKey
+from node.settlement.cli import add_receipts_command
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -59,6 +62,140 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"LLM_NODE_{name}", default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name, "") or "").lower() in ("1", "true", "yes", "on")
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the node (HTTP routes and /v1/ws on one port)",
+        description=(
+            "Run the node. Every flag can also be set with an environment variable "
+            "LLM_NODE_<FLAG> (for example LLM_NODE_PORT=9000). The host key comes only from "
+            f"the environment ({ENV_VAR}); without it the node serves plaintext clients only."
+        ),
+    )
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
+    p.add_argument(
+        "--backend",
+        choices=["llama", "openai", "echo"],
+        default=_env("BACKEND", "llama"),
+        help="llama: embedded model (default); openai: an OpenAI-compatible server; "
+        "echo: streams the prompt back (tests and benchmarks)",
+    )
+    p.add_argument("--model", dest="model_path", default=_env("MODEL"), help="GGUF file path")
+    p.add_argument("--n-threads", type=int, default=_int_env("N_THREADS"))
+    p.add_argument("--n-ctx", type=int, default=_int_env("N_CTX"), help="context window")
+    p.add_argument(
+        "--queue-limit",
+        type=int,
+        default=_int_env("QUEUE_LIMIT") or 8,
+        help="requests that may wait for the model; more get RATE_LIMITED",
+    )
+    p.add_argument("--echo-delay-ms", type=float, default=float(_env("ECHO_DELAY_MS", "0") or 0))
+    p.add_argument("--upstream-url", default=_env("UPSTREAM_URL"), help="OpenAI-compatible URL")
+    p.add_argument(
+        "--upstream-model-map",
+        default=_env("UPSTREAM_MODEL_MAP"),
+        help="node=upstream model names, comma separated",
+    )
+    p.add_argument(
+        "--upstream-timeout", type=float, default=float(_env("UPSTREAM_TIMEOUT", "60") or 60)
+    )
+    p.add_argument(
+        "--require-encryption",
+        action="store_true",
+        default=_env_flag("REQUIRE_ENCRYPTION"),
+        help="refuse plaintext clients (ENCRYPTION_REQUIRED)",
+    )
+    p.add_argument("--idle-timeout", type=float, default=float(_env("IDLE_TIMEOUT", "300") or 300))
+    p.add_argument(
+        "--session-ttl", type=float, default=float(_env("SESSION_TTL", "86400") or 86400)
+    )
+    p.add_argument(
+        "--max-frame-bytes", type=int, default=int(_env("MAX_FRAME_BYTES", "1048576") or 0)
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", "10000") or 0)
+    )
+    p.add_argument(
+        "--replay-window", type=float, default=float(_env("REPLAY_WINDOW", "900") or 900)
+    )
+    p.add_argument("--max-errors", type=int, default=int(_env("MAX_ERRORS", "10") or 10))
+    p.add_argument(
+        "--allowed-clients",
+        default=_env("ALLOWED_CLIENTS"),
+        help="comma-separated client addresses allowed to open encrypted sessions",
+    )
+    p.add_argument("--ledger", default=_env("LEDGER"), help="SQLite ledger path")
+    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1))
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    p.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
+    p.set_defaults(func=_cmd_serve)
+
+
+def _int_env(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value else None
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    model_map: dict[str, str] = {}
+    if args.upstream_model_map:
+        for item in args.upstream_model_map.split(","):
+            if "=" in item:
+                ours, theirs = item.split("=", 1)
+                model_map[ours.strip()] = theirs.strip()
+    allowed = None
+    if args.allowed_clients:
+        allowed = frozenset(a.strip().lower() for a in args.allowed_clients.split(",") if a)
+    return NodeConfig(
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        model_path=args.model_path,
+        n_threads=args.n_threads,
+        n_ctx=args.n_ctx,
+        queue_limit=args.queue_limit,
+        echo_delay_ms=args.echo_delay_ms,
+        upstream_url=args.upstream_url,
+        upstream_api_key=os.environ.get("LLM_NODE_UPSTREAM_API_KEY"),
+        upstream_model_map=model_map,
+        upstream_timeout_s=args.upstream_timeout,
+        require_encryption=args.require_encryption,
+        idle_timeout_s=args.idle_timeout,
+        session_ttl_s=args.session_ttl,
+        max_frame_bytes=args.max_frame_bytes,
+        max_connections=args.max_connections,
+        replay_window_s=args.replay_window,
+        max_errors=args.max_errors,
+        allowed_clients=allowed,
+        ledger_path=args.ledger,
+        workers=args.workers,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from node.logs import configure_logging
+    from node.serve import serve_main
+
+    config = config_from_args(args)
+    configure_logging(config.log_level, config.log_format)
+    return serve_main(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-node", description="End-to-end encrypted LLM host node."
@@ -73,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pubkey", help=f"print the public key and address of {ENV_VAR}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_pubkey)
+
+    _add_serve(sub)
+    add_receipts_command(sub)
     return parser
 
 

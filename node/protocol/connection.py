@@ -51,6 +51,7 @@ ENCRYPTED_ACK_TEXT: Final = "Encrypted session initialized successfully"
 PLAINTEXT_ACK_TEXT: Final = (
     "Session initialized in plaintext mode (deprecated: switch to encrypted_session_init)"
 )
+MAX_EXPIRED_IDS: Final = 256
 FINISH_REASONS: Final = frozenset({"stop", "length", "cancelled", "error"})
 # Errors caused by the node itself do not count against the client's error budget.
 _NODE_SIDE_CODES: Final = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR})
@@ -127,7 +128,7 @@ class SessionStarted:
 @attrs.frozen
 class SessionEnded:
     session: Session
-    reason: str  # reinit | expired | closed
+    reason: str  # reinit | ttl_expired | the driver's end reason on close
 
 
 @attrs.frozen
@@ -179,6 +180,7 @@ class ConnectionState:
         self.used_plaintext = False
         self.closed = False
         self._anonymous: Session | None = None
+        self._expired_ids: set[str] = set()
         self._init_allowance = float(self.config.init_burst)
         self._allowance_at = clock()
 
@@ -312,6 +314,7 @@ class ConnectionState:
             self.sessions[message.session_id] = session
             actions.append(SessionStarted(session))
         self.used_encryption = True
+        self._expired_ids.discard(message.session_id)
         actions.append(
             Send(
                 SessionInitAck(
@@ -328,6 +331,11 @@ class ConnectionState:
 
     def _session_for_message(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
+        if session is None and session_id in self._expired_ids:
+            raise ProtocolError(
+                ErrorCode.SESSION_EXPIRED,
+                f"session {session_id} expired; send a new encrypted_session_init",
+            )
         if session is None or session.key is None:
             raise ProtocolError(
                 ErrorCode.SESSION_KEY_NOT_FOUND,
@@ -345,7 +353,8 @@ class ConnectionState:
         if self._clock() - session.created_at >= self.config.session_ttl_s:
             self.sessions.pop(session.session_id, None)
             session.wipe()
-            actions: list[Action] = [SessionEnded(session, "expired")]
+            self._remember_expired(session.session_id)
+            actions: list[Action] = [SessionEnded(session, "ttl_expired")]
             actions += self._error(
                 ProtocolError(
                     ErrorCode.SESSION_EXPIRED,
@@ -548,6 +557,12 @@ class ConnectionState:
 
     # ---------------------------------------------------------------- lifetime
 
+    def _remember_expired(self, session_id: str) -> None:
+        """Keep a bounded set of expired ids so their messages get SESSION_EXPIRED."""
+        if len(self._expired_ids) >= MAX_EXPIRED_IDS:
+            self._expired_ids.pop()
+        self._expired_ids.add(session_id)
+
     def expire_sessions(self) -> list[Action]:
         """Drop (and wipe) encrypted sessions whose TTL has passed, except the streaming one."""
         now = self._clock()
@@ -559,7 +574,8 @@ class ConnectionState:
             if now - session.created_at >= self.config.session_ttl_s:
                 del self.sessions[sid]
                 session.wipe()
-                actions.append(SessionEnded(session, "expired"))
+                self._remember_expired(sid)
+                actions.append(SessionEnded(session, "ttl_expired"))
         return actions
 
     def close(self, reason: str = "closed") -> list[SessionEnded]:

@@ -477,14 +477,18 @@ def test_session_ttl_expires_on_use() -> None:
     clock.advance(0.01)
     actions = conn.receive(message_frame(K1, 1, request_id="late"))
     assert kinds(actions) == ["SessionEnded", "Send"]
-    assert actions[0].reason == "expired"  # type: ignore[union-attr]
+    assert actions[0].reason == "ttl_expired"  # type: ignore[union-attr]
     err = sends(actions)[0]
     assert isinstance(err, ErrorMessage)
     assert (err.code, err.id, err.session_id) == ("SESSION_EXPIRED", "late", "42")
     assert key.wiped
     assert key.is_all_zero()
     assert "42" not in conn.sessions
-    assert error_code(conn.receive(message_frame(K1, 2))) is E.SESSION_KEY_NOT_FOUND
+    # The id is remembered as expired (the key is gone): later use says so again.
+    assert error_code(conn.receive(message_frame(K1, 2))) is E.SESSION_EXPIRED
+    assert error_code(conn.receive(message_frame(K1, 2, session_id="43"))) is (
+        E.SESSION_KEY_NOT_FOUND
+    )
 
 
 def test_reinit_restarts_the_ttl() -> None:
@@ -509,7 +513,7 @@ def test_expire_sessions_drops_only_idle_expired_encrypted_sessions() -> None:
     first_key = conn.sessions["1"].key
     actions = conn.expire_sessions()
     assert [(type(a).__name__, a.session.session_id, a.reason) for a in actions] == [  # type: ignore[union-attr]
-        ("SessionEnded", "1", "expired")
+        ("SessionEnded", "1", "ttl_expired")
     ]
     assert first_key is not None
     assert first_key.is_all_zero()

@@ -1,0 +1,37 @@
+"""The one settings object of a node, filled from flags and environment variables."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.define
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    backend: str = "llama"
+    model_path: str | None = None
+    n_threads: int | None = None
+    n_ctx: int | None = None
+    queue_limit: int = 8
+    echo_delay_ms: float = 0.0
+    upstream_url: str | None = None
+    upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    upstream_model_map: dict[str, str] = attrs.field(factory=dict)
+    upstream_timeout_s: float = 60.0
+    require_encryption: bool = False
+    idle_timeout_s: float = 300.0
+    session_ttl_s: float = 24 * 3600.0
+    max_frame_bytes: int = 1024 * 1024
+    max_connections: int = 10_000
+    replay_window_s: float = 900.0
+    max_errors: int = 10
+    allowed_clients: frozenset[str] | None = None
+    shutdown_grace_s: float = 5.0
+    ledger_path: str | None = None
+    ledger_recover: bool = True  # workers leave recovery to the parent process
+    workers: int = 1
+    log_level: str = "info"
+    log_format: str = "text"
+    stream_queue_size: int = 64
+    coalesce: bool = True  # merge queued pieces into one frame when the client is slower

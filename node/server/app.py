@@ -1,0 +1,258 @@
+"""The node's listener: one TCP port for the HTTP routes and the ``/v1/ws`` upgrade."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from functools import partial
+from typing import Any
+
+import trio
+from trio_websocket import wrap_server_stream
+
+from node import PROTOCOL_VERSION, __version__
+from node.crypto.encoding import decode_hex
+from node.crypto.errors import InvalidHexEncoding
+from node.server.context import NodeContext
+from node.server.driver import ConnectionDriver
+from node.server.http import (
+    HttpError,
+    HttpRequest,
+    HttpResponse,
+    ReplayStream,
+    Router,
+    new_connection,
+    read_request,
+    write_response,
+)
+
+log = logging.getLogger("node.server")
+
+WS_PATH = "/v1/ws"
+HANDSHAKE_TIMEOUT_S = 10.0
+WS_RECEIVE_BUFFER = 65536
+
+
+def build_router(ctx: NodeContext) -> Router:
+    router = Router()
+
+    async def health(_: HttpRequest) -> HttpResponse:
+        ready = await ctx.backend.ready()
+        return HttpResponse.json(
+            200,
+            {
+                "status": "ok" if ready else "starting",
+                "ready": ready,
+                "backend": ctx.backend.name,
+                "encryption": ctx.host_key is not None,
+                "connections": len(ctx.drivers),
+                "version": __version__,
+            },
+        )
+
+    async def version(_: HttpRequest) -> HttpResponse:
+        features = ["websocket", "streaming", "stream-cancel", "usage-receipts"]
+        if ctx.host_key is not None:
+            features.append("end-to-end-encryption")
+        if not ctx.config.require_encryption:
+            features.append("plaintext-deprecated")
+        return HttpResponse.json(
+            200,
+            {
+                "name": "llm-node",
+                "version": __version__,
+                "protocol_version": PROTOCOL_VERSION,
+                "features": features,
+            },
+        )
+
+    async def models(_: HttpRequest) -> HttpResponse:
+        data = [
+            {
+                "id": m.id,
+                "object": "model",
+                "owned_by": m.owned_by,
+                "context_window": m.context_window,
+            }
+            for m in ctx.backend.models()
+        ]
+        return HttpResponse.json(200, {"object": "list", "data": data})
+
+    async def host_key(_: HttpRequest) -> HttpResponse:
+        key = ctx.host_key
+        if key is None:
+            return HttpResponse.error(404, "this node has no host key (plaintext-only)")
+        return HttpResponse.json(200, {"publicKey": key.public_key_hex, "address": key.address})
+
+    async def challenge(request: HttpRequest) -> HttpResponse:
+        key = ctx.host_key
+        if key is None:
+            return HttpResponse.error(404, "this node has no host key (plaintext-only)")
+        try:
+            body: Any = json.loads(request.body or b"null")
+        except ValueError:
+            return HttpResponse.error(400, 'body must be JSON: {"challenge": "<64 hex>"}')
+        text = body.get("challenge") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            return HttpResponse.error(400, "challenge must be a string of 64 hex digits")
+        try:
+            data = decode_hex(text, "challenge")
+        except InvalidHexEncoding as exc:
+            return HttpResponse.error(400, exc.message)
+        if len(data) != 32:
+            return HttpResponse.error(400, "challenge must be exactly 32 bytes (64 hex digits)")
+        signature = key.sign_challenge(data)
+        return HttpResponse.json(200, {"signature": signature[:64].hex(), "recid": signature[64]})
+
+    async def metrics(_: HttpRequest) -> HttpResponse:
+        return HttpResponse(
+            200, ctx.metrics.render().encode(), content_type="text/plain; version=0.0.4"
+        )
+
+    async def ws_without_upgrade(_: HttpRequest) -> HttpResponse:
+        return HttpResponse.error(
+            426, "this path is the WebSocket endpoint", headers=[("upgrade", "websocket")]
+        )
+
+    router.add("GET", "/health", health)
+    router.add("GET", "/v1/health", health)
+    router.add("GET", "/v1/version", version)
+    router.add("GET", "/v1/models", models)
+    router.add("GET", "/v1/host-key", host_key)
+    router.add("POST", "/v1/auth/challenge", challenge)
+    router.add("GET", "/metrics", metrics)
+    router.add("GET", WS_PATH, ws_without_upgrade)
+    return router
+
+
+class NodeServer:
+    """Accepts connections and routes each to HTTP or to a :class:`ConnectionDriver`."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.router = build_router(ctx)
+        self._pending_upgrades = 0
+        ctx.metrics.live_states = ctx.live_states
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        async with stream:
+            conn = new_connection()
+            try:
+                got = await read_request(stream, conn)
+            except HttpError as exc:
+                self.ctx.metrics.http_requests[str(exc.response.status)] += 1
+                await _quiet(write_response(stream, conn, exc.response))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if got is None:
+                return
+            request, raw = got
+            if request.path == WS_PATH and request.is_websocket_upgrade():
+                await self._websocket(ReplayStream(raw, stream), stream, conn)
+                return
+            try:
+                response = await self.router.dispatch(request)
+            except Exception as exc:
+                log.error("HTTP handler failed", extra={"error_type": type(exc).__name__})
+                response = HttpResponse.error(500, "internal error")
+            self.ctx.metrics.http_requests[str(response.status)] += 1
+            head = request.method == "HEAD"
+            await _quiet(write_response(stream, conn, response, head=head))
+
+    async def _websocket(
+        self, replay: ReplayStream, raw_stream: trio.abc.Stream, conn: Any
+    ) -> None:
+        ctx = self.ctx
+        if ctx.shutting_down:
+            await _quiet(write_response(raw_stream, conn, HttpResponse.error(503, "shutting down")))
+            return
+        if len(ctx.drivers) + self._pending_upgrades >= ctx.config.max_connections:
+            ctx.metrics.connections_refused += 1
+            await _quiet(
+                write_response(
+                    raw_stream, conn, HttpResponse.error(503, "too many connections; retry later")
+                )
+            )
+            return
+        self._pending_upgrades += 1
+        connection_id = ctx.next_connection_id
+        ctx.next_connection_id += 1
+        async with trio.open_nursery() as nursery:
+            ws = None
+            try:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                    try:
+                        request = await wrap_server_stream(
+                            nursery,
+                            replay,
+                            message_queue_size=1,
+                            max_message_size=ctx.config.max_frame_bytes,
+                            receive_buffer_size=WS_RECEIVE_BUFFER,
+                        )
+                        ws = await request.accept()
+                    except Exception as exc:
+                        log.info(
+                            "WebSocket handshake failed", extra={"error_type": type(exc).__name__}
+                        )
+            finally:
+                self._pending_upgrades -= 1
+            if ws is not None:
+                await ConnectionDriver(ctx, ws, connection_id).run()
+            nursery.cancel_scope.cancel()
+
+    async def serve(
+        self,
+        shutdown: trio.Event,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        listeners: list[trio.SocketListener] | None = None,
+    ) -> None:
+        """Serve until ``shutdown`` is set, then stop accepting, end streams, close 1001."""
+        ctx = self.ctx
+        if listeners is None:
+            listeners = await open_listeners(ctx.config.host, ctx.config.port)
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptor:
+                acceptor.start_soon(
+                    partial(
+                        trio.serve_listeners,
+                        self.handle_stream,
+                        listeners,
+                        handler_nursery=connections,
+                    )
+                )
+                task_status.started(listeners)
+                await shutdown.wait()
+                acceptor.cancel_scope.cancel()
+            ctx.shutting_down = True
+            log.info("shutting down", extra={"connections": len(ctx.drivers)})
+            for driver in list(ctx.drivers):
+                driver.shutdown()
+            if ctx.drivers:
+                with trio.move_on_after(ctx.config.shutdown_grace_s):
+                    await ctx.all_closed.wait()
+            connections.cancel_scope.cancel()
+        for key_holder in list(ctx.drivers):  # pragma: no cover - defensive
+            key_holder.state.close("shutdown")
+
+
+async def open_listeners(
+    host: str, port: int, *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
+    """TCP listeners; with ``reuse_port`` several worker processes can share the port."""
+    sock = trio.socket.socket(
+        trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
+    )
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+    await sock.bind((host, port))
+    sock.listen(1024)
+    return [trio.SocketListener(sock)]
+
+
+async def _quiet(awaitable: Any) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await awaitable

@@ -1,0 +1,79 @@
+"""What all connections of one node process share, passed in (no global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+import trio
+
+from node.config import NodeConfig
+from node.crypto.hostkey import HostKey
+from node.inference.base import Backend, GenerationResult
+from node.protocol.connection import ProtocolConfig, Session
+from node.protocol.replay import InitReplayCache
+from node.server.metrics import NodeMetrics
+
+if TYPE_CHECKING:
+    from node.server.driver import ConnectionDriver
+
+
+class Accounting(Protocol):
+    """Where usage goes (the settlement ledger implements this)."""
+
+    async def session_started(self, session: Session) -> None: ...
+
+    async def request_finished(
+        self, session: Session, request_id: str | int | None, result: GenerationResult
+    ) -> None: ...
+
+    async def session_ended(self, session: Session, reason: str) -> None: ...
+
+
+class NoAccounting:
+    """Accounting that records nothing (unit tests and benchmarks)."""
+
+    async def session_started(self, session: Session) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def request_finished(
+        self, session: Session, request_id: str | int | None, result: GenerationResult
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def session_ended(self, session: Session, reason: str) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@attrs.define(eq=False)
+class NodeContext:
+    config: NodeConfig
+    host_key: HostKey | None
+    backend: Backend
+    replay_cache: InitReplayCache
+    metrics: NodeMetrics = attrs.field(factory=NodeMetrics)
+    accounting: Accounting = attrs.field(factory=NoAccounting)
+    clock: Callable[[], float] = trio.current_time
+    rng: Callable[[int], bytes] | None = None
+    drivers: set[ConnectionDriver] = attrs.field(factory=set)
+    shutting_down: bool = False
+    all_closed: trio.Event = attrs.field(factory=trio.Event)
+    next_connection_id: int = 1
+
+    def protocol_config(self) -> ProtocolConfig:
+        c = self.config
+        return ProtocolConfig(
+            require_encryption=c.require_encryption,
+            session_ttl_s=c.session_ttl_s,
+            max_errors=c.max_errors,
+            allowed_clients=c.allowed_clients,
+        )
+
+    def live_states(self) -> list[tuple[int, int, int]]:
+        out = []
+        for d in self.drivers:
+            s = d.state
+            enc = sum(1 for x in s.sessions.values() if x.encrypted)
+            out.append((s.keys_held, enc, len(s.sessions) - enc))
+        return out

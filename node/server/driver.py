@@ -1,0 +1,397 @@
+"""The per-connection driver: moves bytes between a WebSocket and the protocol core.
+
+Each connection runs inside its own nursery. The :class:`ConnectionState` it drives owns
+every session key of the connection, and the ``finally`` of :meth:`ConnectionDriver.run`
+wipes them all when that scope exits, however it exits (disconnect, idle timeout, error
+budget, shutdown, a bug). A prompt starts one inference task; the backend emits pieces
+into a bounded memory channel whose receiving end is the encrypting chunk sender, which
+coalesces whatever has queued up, seals it with the session key and writes one frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from node.crypto.errors import ErrorCode, NodeError
+from node.inference.base import ChatMessage, GenerationRequest, GenerationResult, Piece
+from node.inference.errors import InferenceFailed, TokenLimitExceeded
+from node.protocol.connection import (
+    Action,
+    CancelRequest,
+    Close,
+    ConnectionState,
+    PlaintextDeprecated,
+    Send,
+    SessionEnded,
+    SessionStarted,
+    StartRequest,
+)
+from node.protocol.errors import (
+    CLOSE_GOING_AWAY,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_NORMAL,
+    ProtocolError,
+)
+from node.protocol.messages import (
+    Connected,
+    EncryptedChunk,
+    EncryptedSessionInit,
+    ErrorMessage,
+    OutboundMessage,
+    SessionInit,
+    SessionInitAck,
+    StreamChunk,
+    decode,
+    encode,
+    request_id_of,
+)
+from node.protocol.requests import InferenceRequest
+from node.server.context import NodeContext
+
+log = logging.getLogger("node.server")
+
+CONNECTED_TEXT: Final = "Connected to llm-node"
+CLOSE_TIMEOUT_S: Final = 5.0
+SETTLE_TIMEOUT_S: Final = 10.0
+
+
+def to_generation_request(request: InferenceRequest) -> GenerationRequest:
+    messages = (
+        tuple(ChatMessage(role, content) for role, content in request.messages)
+        if request.messages
+        else None
+    )
+    return GenerationRequest(
+        prompt=None if messages else request.prompt,
+        messages=messages,
+        model=request.model,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        stop=request.stop,
+        seed=request.seed,
+    )
+
+
+# A frame's envelope (type, ids up to 256 + 79 characters, hex nonce, AAD, index) fits in
+# FRAME_OVERHEAD characters; one byte of UTF-8 text becomes at most MAX_EXPANSION characters
+# (a control character written as \u00XX in a plaintext chunk; hex in an encrypted one is 2).
+FRAME_OVERHEAD: Final = 1024
+MAX_EXPANSION: Final = 6
+MIN_TEXT_BUDGET: Final = 64
+
+
+def split_for_frames(text: str, tokens: int, budget: int) -> list[tuple[str, int]]:
+    """Cut ``text`` at character boundaries into parts of at most ``budget`` UTF-8 bytes.
+
+    The first part carries the token count (tokens cannot be split meaningfully).
+    """
+    data = text.encode("utf-8")
+    if len(data) <= budget:
+        return [(text, tokens)]
+    parts: list[tuple[str, int]] = []
+    while data:
+        head = data[:budget].decode("utf-8", "ignore")  # drops a cut character's bytes
+        parts.append((head, 0))
+        data = data[len(head.encode("utf-8")) :]
+    parts[0] = (parts[0][0], tokens)
+    return parts
+
+
+def _wire_error(exc: NodeError) -> NodeError:
+    """Backend errors with extra fields become protocol errors carrying them."""
+    if isinstance(exc, TokenLimitExceeded):
+        return ProtocolError(
+            exc.code,
+            exc.message,
+            prompt_tokens=exc.prompt_tokens,
+            context_window_size=exc.context_window,
+        )
+    return exc
+
+
+class ConnectionDriver:
+    """Runs one WebSocket connection: reader loop, request task, chunk sender."""
+
+    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+        self.ctx = ctx
+        self.ws = ws
+        self.id = connection_id
+        extra = {} if ctx.rng is None else {"rng": ctx.rng}
+        self.state = ConnectionState(
+            host_key=ctx.host_key,
+            replay_cache=ctx.replay_cache,
+            clock=ctx.clock,
+            config=ctx.protocol_config(),
+            **extra,
+        )
+        self.end_reason = "disconnect"
+        self.closing = False
+        self.close_code: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self._request_scope: trio.CancelScope | None = None
+        self._log_extra = {"conn": connection_id}
+        # Text per frame such that no frame exceeds what the node itself would accept.
+        self._text_budget = max(
+            MIN_TEXT_BUDGET, (ctx.config.max_frame_bytes - FRAME_OVERHEAD) // MAX_EXPANSION
+        )
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        ctx.drivers.add(self)
+        ctx.metrics.connections_total += 1
+        ctx.metrics.connections_open += 1
+        log.debug("connection opened", extra=self._log_extra)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._send(Connected(CONNECTED_TEXT))
+                    await self._read_loop()
+                except ConnectionClosed:
+                    pass
+                nursery.cancel_scope.cancel()
+        finally:
+            # Keys die with this scope, whatever ended it.
+            ended = self.state.close(self.end_reason)
+            ctx.drivers.discard(self)
+            ctx.metrics.connections_open -= 1
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(SETTLE_TIMEOUT_S):
+                    for event in ended:
+                        await ctx.accounting.session_ended(event.session, event.reason)
+                with trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self.ws.aclose(self.close_code or CLOSE_NORMAL)
+            if ctx.shutting_down and not ctx.drivers:
+                ctx.all_closed.set()
+            log.debug(
+                "connection closed",
+                extra={**self._log_extra, "reason": self.end_reason, "code": self.close_code},
+            )
+
+    async def _read_loop(self) -> None:
+        idle = self.ctx.config.idle_timeout_s
+        while True:
+            with trio.move_on_after(idle) as idle_scope:
+                try:
+                    frame = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    if exc.reason is not None and exc.reason.code == CLOSE_MESSAGE_TOO_BIG:
+                        # trio-websocket closed it for us: the client sent too much.
+                        self.end_reason = "frame_too_big"
+                        self.close_code = CLOSE_MESSAGE_TOO_BIG
+                    elif not self.closing:  # a close we started (shutdown) keeps its reason
+                        self.end_reason = "disconnect"
+                    return
+            if idle_scope.cancelled_caught:
+                if self.state.streaming:
+                    continue
+                self.end_reason = "idle_timeout"
+                await self._close(CLOSE_NORMAL, "idle timeout")
+                return
+            if not await self._on_frame(frame):
+                return
+            if self.state.sessions:
+                # Keys past their TTL are wiped now, not when the client next uses them.
+                expired = self.state.expire_sessions()
+                if expired and not await self._execute(expired):
+                    return
+
+    async def _on_frame(self, frame: str | bytes) -> bool:
+        """Handle one frame; False when the connection must end."""
+        state = self.state
+        metrics = self.ctx.metrics
+        if isinstance(frame, bytes):
+            metrics.messages["binary"] += 1
+            error = ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "binary frames are not supported; send JSON text"
+            )
+            return await self._execute(state.reject(error))
+        try:
+            message = decode(frame)
+        except ProtocolError as exc:
+            metrics.messages["invalid"] += 1
+            return await self._execute(state.reject(exc, request_id_of(frame)))
+        kind = type(message).__name__
+        metrics.messages[kind] += 1
+        if isinstance(message, EncryptedSessionInit | SessionInit):
+            started = time.perf_counter()
+            actions = state.receive(message)
+            mode = "encrypted" if isinstance(message, EncryptedSessionInit) else "plaintext"
+            for action in actions:
+                if isinstance(action, Send):
+                    if isinstance(action.message, SessionInitAck):
+                        metrics.inits_accepted[mode] += 1
+                        if mode == "encrypted":
+                            metrics.init_latency.observe(time.perf_counter() - started)
+                    elif isinstance(action.message, ErrorMessage):
+                        metrics.inits_refused[action.message.code] += 1
+        else:
+            actions = state.receive(message)
+        return await self._execute(actions)
+
+    async def _execute(self, actions: list[Action]) -> bool:
+        keep_going = True
+        for action in actions:
+            if isinstance(action, Send):
+                await self._send(action.message)
+            elif isinstance(action, StartRequest):
+                assert self._nursery is not None
+                self._request_scope = trio.CancelScope()
+                self._nursery.start_soon(self._run_request, action, self._request_scope)
+            elif isinstance(action, CancelRequest):
+                if self._request_scope is not None:
+                    self._request_scope.cancel()
+            elif isinstance(action, Close):
+                self.end_reason = "error"
+                await self._close(action.code, action.reason)
+                keep_going = False
+            elif isinstance(action, SessionStarted):
+                await self.ctx.accounting.session_started(action.session)
+            elif isinstance(action, SessionEnded):
+                await self.ctx.accounting.session_ended(action.session, action.reason)
+            elif isinstance(action, PlaintextDeprecated):
+                log.warning(
+                    "plaintext mode is deprecated; this client should use encrypted sessions",
+                    extra=self._log_extra,
+                )
+        return keep_going
+
+    # ------------------------------------------------------------ requests
+
+    async def _run_request(self, action: StartRequest, scope: trio.CancelScope) -> None:
+        ctx = self.ctx
+        state = self.state
+        session = action.session
+        result: GenerationResult | None = None
+        error: NodeError | None = None
+        accounted = False
+        send_channel, receive_channel = trio.open_memory_channel[Piece](
+            ctx.config.stream_queue_size
+        )
+        try:
+            with scope:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(self._encrypting_sender, receive_channel, scope)
+                    try:
+                        async with send_channel:
+                            result = await ctx.backend.generate(
+                                to_generation_request(action.request), send_channel.send
+                            )
+                    except NodeError as exc:
+                        error = exc
+                    except Exception as exc:
+                        log.error(
+                            "backend failed",
+                            extra={**self._log_extra, "error_type": type(exc).__name__},
+                        )
+                        error = InferenceFailed("the inference backend failed unexpectedly")
+            self._request_scope = None
+            active = state.active
+            delivered = active.completion_tokens if active is not None else 0
+            if error is not None:
+                finish = "error"
+                prompt_tokens = 0
+            elif result is None:  # cancelled by stream_cancel or shutdown
+                finish = "cancelled"
+                prompt_tokens = 0
+            else:
+                finish = result.finish_reason
+                prompt_tokens = result.prompt_tokens
+            usage = GenerationResult(
+                finish, prompt_tokens, delivered, result.usage_estimated if result else False
+            )
+            accounted = True
+            await ctx.accounting.request_finished(session, action.request_id, usage)
+            ctx.metrics.requests[finish] += 1
+            if state.active is None:
+                return  # the connection was closed underneath us
+            if error is not None:
+                actions = state.fail(
+                    _wire_error(error), prompt_tokens=0, completion_tokens=delivered
+                )
+                await self._execute(actions)
+            else:
+                for frame in state.finish(
+                    finish, prompt_tokens=prompt_tokens, completion_tokens=delivered
+                ):
+                    await self._send(frame)
+            if self.closing:
+                await self._close(CLOSE_GOING_AWAY, "server shutdown")
+        except ConnectionClosed:
+            self.end_reason = "disconnect"
+        finally:
+            if not accounted:
+                # Cancelled by the connection ending: record what was delivered.
+                active = state.active
+                delivered = active.completion_tokens if active is not None else 0
+                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
+                    await ctx.accounting.request_finished(
+                        session, action.request_id, GenerationResult("cancelled", 0, delivered)
+                    )
+                ctx.metrics.requests["cancelled"] += 1
+
+    async def _encrypting_sender(
+        self, receive_channel: trio.MemoryReceiveChannel[Piece], scope: trio.CancelScope
+    ) -> None:
+        """Seal and send pieces; whatever queued up while we were sending goes as one.
+
+        With ``config.coalesce`` off every piece is its own frame (benchmarks use this).
+        """
+        metrics = self.ctx.metrics
+        state = self.state
+        coalesce = self.ctx.config.coalesce
+        async with receive_channel:
+            async for piece in receive_channel:
+                text, tokens = piece.text, piece.tokens
+                while coalesce:
+                    try:
+                        more = receive_channel.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    text += more.text
+                    tokens += more.tokens
+                for part, part_tokens in split_for_frames(text, tokens, self._text_budget):
+                    frame = state.piece(part, part_tokens)
+                    try:
+                        await self.ws.send_message(encode(frame))
+                    except ConnectionClosed:
+                        scope.cancel()  # nobody is listening: stop the model
+                        return
+                    metrics.chunks += 1
+                    metrics.tokens += part_tokens
+
+    # ------------------------------------------------------------- output
+
+    async def _send(self, message: OutboundMessage) -> None:
+        if isinstance(message, ErrorMessage):
+            self.ctx.metrics.errors[message.code] += 1
+            log.info(
+                "error sent",
+                extra={**self._log_extra, "code": message.code, "session": message.session_id},
+            )
+        elif isinstance(message, EncryptedChunk | StreamChunk):
+            self.ctx.metrics.chunks += 1
+        await self.ws.send_message(encode(message))
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            await self.ws.aclose(code, reason)
+
+    def shutdown(self) -> None:
+        """Server shutdown: end a streaming request as cancelled, then close with 1001."""
+        self.closing = True
+        self.end_reason = "shutdown"
+        if self.state.streaming:
+            if self._request_scope is not None:
+                self._request_scope.cancel()
+        elif self._nursery is not None:
+            self._nursery.start_soon(self._close, CLOSE_GOING_AWAY, "server shutdown")
