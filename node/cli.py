@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from node import __version__
+from node.client.cli import add_chat_command
 from node.config import NodeConfig
 from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import ENV_VAR, HostKey
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pubkey)
 
     _add_serve(sub)
+    add_chat_command(sub)
     add_receipts_command(sub)
     return parser
 

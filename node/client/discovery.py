@@ -1,0 +1,200 @@
+"""Node URLs, host key discovery and its challenge check (PROTOCOL.md section 7).
+
+Without a chain to look the host key up in, a client learns it from ``GET /v1/host-key``
+and confirms it with ``POST /v1/auth/challenge``: the node signs SHA256 of 32 random bytes
+the client chose, and the signature must recover to the key it announced. A client that
+knows which node it wants pins the node's address (``expected_address``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import httpx
+
+from node.client.errors import ConnectFailed, HostKeyMismatch, HostVerificationFailed
+from node.crypto.curve import address_of, parse_public_key, recover_public_key, sha256
+from node.crypto.encoding import decode_hex
+from node.crypto.errors import CryptoError
+from node.crypto.secret import constant_time_equal
+
+WS_PATH: Final = "/v1/ws"
+_ADDRESS: Final = re.compile(r"0x[0-9a-fA-F]{40}")
+DEFAULT_HTTP_TIMEOUT_S: Final = 10.0
+
+
+@attrs.frozen
+class HostIdentity:
+    """A node's host key (33-byte compressed) and its EIP-55 address."""
+
+    public_key: bytes
+    address: str
+    verified_by_challenge: bool = False
+
+    @property
+    def public_key_hex(self) -> str:
+        return self.public_key.hex()
+
+
+def websocket_url(url: str) -> str:
+    """``http://h:p`` -> ``ws://h:p/v1/ws`` (https -> wss); a ws/wss URL is kept as is."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("ws", "wss"):
+        return urlunsplit(parts)
+    if scheme not in ("http", "https"):
+        raise ValueError(f"node URL must start with http://, https://, ws:// or wss://: {url!r}")
+    if not parts.netloc:
+        raise ValueError(f"node URL has no host: {url!r}")
+    ws_scheme = "wss" if scheme == "https" else "ws"
+    return urlunsplit((ws_scheme, parts.netloc, parts.path.rstrip("/") + WS_PATH, "", ""))
+
+
+def http_base_url(url: str) -> str:
+    """The node's HTTP base for the REST routes: ``ws://h:p/v1/ws`` -> ``http://h:p``."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"node URL must start with http://, https://, ws:// or wss://: {url!r}")
+    path = parts.path.rstrip("/")
+    if path.endswith(WS_PATH):
+        path = path[: -len(WS_PATH)]
+    return urlunsplit(("https" if scheme == "wss" else "http", parts.netloc, path, "", ""))
+
+
+def normalize_address(address: str) -> str:
+    """Check ``0x`` + 40 hex digits; returns it lowercased for comparison."""
+    text = address.strip()
+    if not _ADDRESS.fullmatch(text):
+        raise ValueError("an Ethereum address is 0x followed by 40 hex digits")
+    return text.lower()
+
+
+def _check_pin(identity: HostIdentity, expected_address: str | None) -> None:
+    if expected_address is None:
+        return
+    if identity.address.lower() != normalize_address(expected_address):
+        raise HostKeyMismatch(
+            f"the node's host key belongs to {identity.address}, not to the expected "
+            f"address {expected_address.strip()}"
+        )
+
+
+def identity_from_public_key(
+    public_key: bytes | str, *, expected_address: str | None = None
+) -> HostIdentity:
+    """A host identity from a key the caller already knows (33/65 bytes or hex)."""
+    try:
+        raw = (
+            decode_hex(public_key, "host public key") if isinstance(public_key, str) else public_key
+        )
+        point = parse_public_key(raw, field="host public key")
+    except CryptoError as exc:
+        raise ValueError(exc.message) from None
+    identity = HostIdentity(point.format(compressed=True), address_of(point))
+    _check_pin(identity, expected_address)
+    return identity
+
+
+async def _request_json(
+    client: httpx.AsyncClient, method: str, url: str, *, json_body: Any = None
+) -> Any:
+    try:
+        response = await client.request(method, url, json=json_body)
+    except httpx.HTTPError as exc:
+        raise ConnectFailed(f"cannot reach {url}: {type(exc).__name__}") from None
+    if response.status_code == 404 and url.endswith(("/v1/host-key", "/v1/auth/challenge")):
+        raise ConnectFailed(
+            "the node has no host key (it serves plaintext clients only)",
+            code="ENCRYPTION_NOT_SUPPORTED",
+        )
+    if response.status_code != 200:
+        raise ConnectFailed(f"{method} {url} answered HTTP {response.status_code}")
+    try:
+        return response.json()
+    except ValueError:
+        raise ConnectFailed(f"{method} {url} did not answer with JSON") from None
+
+
+async def discover_host_key(
+    url: str,
+    *,
+    expected_address: str | None = None,
+    timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+    rng: Callable[[int], bytes] = os.urandom,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> HostIdentity:
+    """Fetch the node's host key and prove the node holds it.
+
+    Raises :class:`HostKeyMismatch` when ``expected_address`` is given and differs,
+    :class:`HostVerificationFailed` when the challenge signature does not recover to the
+    announced key, :class:`ConnectFailed` when the routes cannot be used.
+    """
+    if expected_address is not None:
+        normalize_address(expected_address)
+    base = http_base_url(url)
+    async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+        announced = await _request_json(client, "GET", base + "/v1/host-key")
+        if not isinstance(announced, dict) or not isinstance(announced.get("publicKey"), str):
+            raise HostVerificationFailed("/v1/host-key did not answer with a publicKey")
+        try:
+            identity = identity_from_public_key(announced["publicKey"])
+        except ValueError as exc:
+            raise HostVerificationFailed(f"/v1/host-key announced an invalid key: {exc}") from None
+        claimed = announced.get("address")
+        if not isinstance(claimed, str) or claimed.lower() != identity.address.lower():
+            raise HostVerificationFailed(
+                "/v1/host-key announced an address that does not belong to its public key"
+            )
+        _check_pin(identity, expected_address)
+
+        challenge = rng(32)
+        answer = await _request_json(
+            client, "POST", base + "/v1/auth/challenge", json_body={"challenge": challenge.hex()}
+        )
+    verify_challenge_answer(identity, challenge, answer)
+    return attrs.evolve(identity, verified_by_challenge=True)
+
+
+def verify_challenge_answer(identity: HostIdentity, challenge: bytes, answer: Any) -> None:
+    """Check ``{"signature": r||s hex, "recid": 0|1}`` over SHA256(challenge)."""
+    if not isinstance(answer, dict):
+        raise HostVerificationFailed("the challenge answer is not a JSON object")
+    signature_hex, recid = answer.get("signature"), answer.get("recid")
+    if not isinstance(signature_hex, str) or isinstance(recid, bool) or recid not in (0, 1):
+        raise HostVerificationFailed("the challenge answer needs a signature and a recid of 0/1")
+    try:
+        rs = decode_hex(signature_hex, "signature")
+        if len(rs) != 64:
+            raise HostVerificationFailed("the challenge signature must be 64 bytes (r||s)")
+        signer = recover_public_key(sha256(challenge), rs + bytes((recid,)))
+    except CryptoError as exc:
+        raise HostVerificationFailed(f"the challenge signature is invalid: {exc.message}") from None
+    if not constant_time_equal(signer.format(compressed=True), identity.public_key):
+        raise HostVerificationFailed(
+            "the challenge was not signed by the announced host key (the node cannot prove "
+            "it holds that key)"
+        )
+
+
+async def fetch_models(
+    url: str,
+    *,
+    timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[str]:
+    """Model ids from ``GET /v1/models``, in the node's order."""
+    base = http_base_url(url)
+    async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+        listing = await _request_json(client, "GET", base + "/v1/models")
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        raise ConnectFailed("/v1/models did not answer with a model list")
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]

@@ -1,0 +1,716 @@
+"""The Trio client: one WebSocket connection, one session, requests one at a time.
+
+``open_session`` connects, waits for ``connected``, opens the session (an
+``encrypted_session_init`` sealed the SDK way, or a deprecated plaintext ``session_init``)
+and yields a :class:`ClientSession`. ``session.stream(prompt)`` is an async iterator of
+text pieces; ``session.complete(prompt)`` collects them into a :class:`Completion`.
+The receive side is the strict sans-I/O reader of :mod:`node.client.receiver`; this module
+only moves frames and runs the timers. The session key lives in a :class:`SecretBytes`
+that is wiped on re-init, when the session breaks, and when the context exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Final, Self
+
+import attrs
+import trio
+from coincurve import PrivateKey
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from node.client import frames
+from node.client.discovery import (
+    HostIdentity,
+    discover_host_key,
+    identity_from_public_key,
+    websocket_url,
+)
+from node.client.errors import (
+    ClientError,
+    ConnectFailed,
+    ForeignFrame,
+    NodeErrorResponse,
+    ProtocolViolation,
+    SessionBusy,
+    SessionClosed,
+    StreamTimeout,
+    StreamTruncated,
+    UnexpectedFrame,
+)
+from node.client.frames import ServerFrame
+from node.client.receiver import (
+    EncryptedResponseReader,
+    PlaintextResponseReader,
+    ResponseEnd,
+    ResponseReader,
+    TextPiece,
+)
+from node.crypto import aead
+from node.crypto.curve import SECP256K1_N, address_of
+from node.crypto.secret import SecretBytes
+from node.crypto.session_init import seal_session_init
+from node.protocol.messages import Connected, ErrorMessage, Pong, SessionInitAck, Usage
+
+DEFAULT_CHAIN_ID: Final = 84532
+DEFAULT_MAX_TOKENS: Final = 4000  # what the SDK sends when the caller gives nothing
+DEFAULT_TEMPERATURE: Final = 0.7
+DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
+DEFAULT_FIRST_CHUNK_TIMEOUT_S: Final = 120.0
+DEFAULT_CHUNK_TIMEOUT_S: Final = 60.0
+MAX_FRAME_BYTES: Final = 1 << 20
+_STALE_IDS_KEPT: Final = 64
+
+
+@attrs.frozen
+class Completion:
+    """One finished answer.
+
+    ``first_token_s``: seconds from sending the request to the first text piece (None if
+    no text came); ``elapsed_s``: from sending the request to ``stream_end``.
+    """
+
+    text: str = attrs.field(repr=False)
+    finish_reason: str
+    usage: Usage | None
+    tokens_used: int
+    first_token_s: float | None
+    elapsed_s: float
+    request_id: str
+    chunks: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens if self.usage is not None else self.tokens_used
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Completion tokens over the whole request time (None when no time passed)."""
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else None
+
+    def timings(self) -> dict[str, float | None]:
+        return {
+            "first_token_s": self.first_token_s,
+            "elapsed_s": self.elapsed_s,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+    def usage_dict(self) -> dict[str, int] | None:
+        u = self.usage
+        if u is None:
+            return None
+        return {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens,
+        }
+
+
+def _decimal_text(value: int | str, name: str) -> str:
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isascii() or not text.isdigit() or len(text) > 78:
+        raise ValueError(f"{name} must be a non-negative decimal number")
+    return str(int(text))
+
+
+def random_client_key(rng: Callable[[int], bytes] = os.urandom) -> PrivateKey:
+    """A fresh secp256k1 key (an ephemeral client identity)."""
+    while True:
+        candidate = rng(32)
+        if 0 < int.from_bytes(candidate, "big") < SECP256K1_N:
+            return PrivateKey(candidate)
+
+
+class ResponseStream:
+    """The answer to one prompt, as an async iterator of authenticated text pieces.
+
+    The request is sent on the first ``__anext__``. When the stream ends with
+    ``stream_end``, :attr:`completion` holds the result. Leaving the loop early is allowed:
+    the next request on the session cancels this one and reads it to its end first (or
+    call :meth:`aclose`); its completion then says ``cancelled`` (or how it really ended).
+    """
+
+    def __init__(self, session: ClientSession, request: dict[str, Any]) -> None:
+        self._session = session
+        self._request = request
+        self._reader: ResponseReader | None = None
+        self._pieces: list[str] = []
+        self._reading = False
+        self._frames_seen = 0
+        self._failed = False
+        self.request_id: str | None = None
+        self.cancel_sent = False
+        self.completion: Completion | None = None
+        self.sent_at: float | None = None
+        self.first_token_at: float | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._reader is not None
+
+    @property
+    def done(self) -> bool:
+        return self._reader is not None and self._reader.done
+
+    @property
+    def text(self) -> str:
+        """Everything yielded so far."""
+        return "".join(self._pieces)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.completion is not None or self._failed:
+            raise StopAsyncIteration  # like a generator that returned or raised
+        if self._reading:
+            raise SessionBusy("another task is already reading this response")
+        self._session._check_usable()
+        self._reading = True
+        try:
+            if self._reader is None:
+                self._reader = await self._session._start(self)
+            piece = await self._next_piece()
+        finally:
+            self._reading = False
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
+
+    async def _next_piece(self) -> str | None:
+        session = self._session
+        reader = self._reader
+        assert reader is not None
+        while True:
+            first = self._frames_seen == 0
+            timeout = session.first_chunk_timeout if first else session.chunk_timeout
+            what = "the first frame of the answer" if first else "the next frame of the answer"
+            try:
+                frame = await session._receive(timeout, what)
+                if frame is None:
+                    continue  # a late frame of an earlier, failed request
+                self._frames_seen += 1
+                event = reader.feed(frame)
+            except NodeErrorResponse as exc:
+                self._failed = True
+                session._request_failed(self, exc)
+                raise
+            except ClientError as exc:
+                self._failed = True
+                session._break(exc)
+                raise
+            if isinstance(event, TextPiece):
+                if self.first_token_at is None:
+                    self.first_token_at = trio.current_time()
+                self._pieces.append(event.text)
+                return event.text
+            if isinstance(event, ResponseEnd):
+                self._finish(event)
+                return None
+
+    def _finish(self, event: ResponseEnd) -> None:
+        assert self.sent_at is not None
+        assert self._reader is not None
+        assert self.request_id is not None
+        now = trio.current_time()
+        end = event.stream_end
+        self.completion = Completion(
+            text="".join(self._pieces),
+            finish_reason=event.finish_reason,
+            usage=end.usage,
+            tokens_used=end.tokens_used,
+            first_token_s=(
+                None if self.first_token_at is None else self.first_token_at - self.sent_at
+            ),
+            elapsed_s=now - self.sent_at,
+            request_id=self.request_id,
+            chunks=self._reader.text_chunks,
+        )
+        self._session._request_done(self)
+
+    async def collect(self) -> Completion:
+        """Read to the end and return the :class:`Completion`."""
+        async for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+    async def aclose(self) -> None:
+        """Stop early: cancel the request on the node and read its remaining frames."""
+        if self._reader is None or self.done:
+            return
+        await self._session._drain(self)
+
+    async def _drain(self) -> None:
+        """Read to the end without yielding (the request was abandoned or closed)."""
+        if self._reading:
+            raise SessionBusy("another task is reading this response")
+        self._reading = True
+        try:
+            while not self.done:
+                await self._next_piece()
+        finally:
+            self._reading = False
+
+
+class ClientSession:
+    """One open session on one WebSocket connection. Made by :func:`open_session`."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        *,
+        ws_url: str,
+        host: HostIdentity | None,
+        client_key: PrivateKey,
+        job_id: str,
+        session_id: str,
+        chain_id: int,
+        model: str,
+        price_per_token: int,
+        encrypted: bool,
+        reinit_each_prompt: bool,
+        connect_timeout: float,
+        first_chunk_timeout: float,
+        chunk_timeout: float,
+        rng: Callable[[int], bytes],
+    ) -> None:
+        self._ws = ws
+        self.ws_url = ws_url
+        self.host = host
+        self._client_key = client_key
+        self.job_id = job_id
+        self.session_id = session_id
+        self.chain_id = chain_id
+        self.model = model
+        self.price_per_token = price_per_token
+        self.encrypted = encrypted
+        self.reinit_each_prompt = reinit_each_prompt
+        self.connect_timeout = connect_timeout
+        self.first_chunk_timeout = first_chunk_timeout
+        self.chunk_timeout = chunk_timeout
+        self._rng = rng
+        self._key: SecretBytes | None = None
+        self._next_message = 0
+        self._active: ResponseStream | None = None
+        self._stale_ids: collections.deque[str] = collections.deque(maxlen=_STALE_IDS_KEPT)
+        self._closed = False
+        self._broken: ClientError | None = None
+        self.client_address: str | None = None
+        self.inits = 0
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def client_key_address(self) -> str:
+        """The address of the key this client signs its session inits with."""
+        return address_of(self._client_key.public_key)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._broken is not None
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        temperature: float | None = DEFAULT_TEMPERATURE,
+        model: str | None = None,
+    ) -> ResponseStream:
+        """The answer to ``prompt`` as an async iterator of text pieces."""
+        if not isinstance(prompt, str):
+            raise TypeError("prompt must be a string")
+        prompt.encode("utf-8")  # refuse lone surrogates here, not on the wire
+        request: dict[str, Any] = {
+            "prompt": prompt,
+            "model": self.model if model is None else model,
+        }
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
+        if temperature is not None:
+            request["temperature"] = temperature
+        request["stream"] = True
+        return ResponseStream(self, request)
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        temperature: float | None = DEFAULT_TEMPERATURE,
+        model: str | None = None,
+    ) -> Completion:
+        """Send ``prompt`` and wait for the whole answer."""
+        response = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, model=model)
+        return await response.collect()
+
+    async def cancel(self, reason: str = "client cancelled") -> None:
+        """Ask the node to stop the streaming request; the stream then ends ``cancelled``.
+
+        Safe to call from another task while one reads the stream; a no-op when nothing
+        is streaming.
+        """
+        self._check_usable()
+        active = self._active
+        if active is None or not active.started or active.done or active.cancel_sent:
+            return
+        active.cancel_sent = True
+        await self._send(frames.stream_cancel_frame(session_id=self.session_id, reason=reason))
+
+    async def reinit(self) -> None:
+        """Open the session again with a fresh session key (message counter back to 0)."""
+        self._check_usable()
+        await self._settle()
+        await self._init()
+
+    async def ping(self) -> float:
+        """A JSON ping; returns the round trip in seconds."""
+        self._check_usable()
+        await self._settle()
+        request_id = self._new_request_id()
+        started = trio.current_time()
+        await self._send(frames.ping_frame(request_id))
+        try:
+            while True:
+                frame = await self._receive(self.chunk_timeout, "pong")
+                if frame is None:
+                    continue
+                if isinstance(frame, Pong) and frame.id == request_id:
+                    return trio.current_time() - started
+                raise UnexpectedFrame(f"expected pong, got {_kind(frame)}")
+        except ClientError as exc:
+            self._break(exc)
+            raise
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def _open(self) -> None:
+        try:
+            frame = await self._receive(self.connect_timeout, "the connected greeting")
+        except ClientError as exc:
+            self._break(exc)
+            raise
+        if not isinstance(frame, Connected):
+            error = UnexpectedFrame(f"the node greeted with {_kind(frame)} instead of connected")
+            self._break(error)
+            raise error
+        await self._init()
+
+    async def _init(self) -> None:
+        new_key: SecretBytes | None = None
+        if self.encrypted:
+            assert self.host is not None
+            new_key = SecretBytes.take(bytearray(self._rng(32)))
+            payload = seal_session_init(
+                self.host.public_key,
+                self._client_key,
+                new_key,
+                job_id=self.job_id,
+                model_name=self.model,
+                price_per_token=self.price_per_token,
+                rng=self._rng,
+            )
+            text = frames.encrypted_session_init_frame(
+                payload, session_id=self.session_id, job_id=self.job_id, chain_id=self.chain_id
+            )
+        else:
+            text = frames.session_init_frame(
+                session_id=self.session_id, job_id=self.job_id, chain_id=self.chain_id
+            )
+        sent = False
+        try:
+            await self._send(text, phase="session init")
+            sent = True
+            while True:
+                frame = await self._receive(self.connect_timeout, "session_init_ack")
+                if frame is not None:
+                    break
+            self._check_ack(frame)
+        except BaseException as exc:
+            if new_key is not None:
+                new_key.wipe()
+            if isinstance(exc, NodeErrorResponse):
+                pass  # the node refused the init and keeps the previous key, as do we
+            elif isinstance(exc, ClientError):
+                self._break(exc)
+            elif sent:
+                # Interrupted (cancelled) after the init went out: the node may or may not
+                # have switched keys, so neither key can be trusted to match any more.
+                self._break(SessionClosed("a session init was interrupted"))
+            raise
+        if self._key is not None:
+            self._key.wipe()
+        self._key = new_key
+        self._next_message = 0
+        self.inits += 1
+
+    def _check_ack(self, frame: ServerFrame) -> None:
+        if isinstance(frame, ErrorMessage):
+            raise NodeErrorResponse(frame.code, frame.message, extra=frame.extra)
+        if not isinstance(frame, SessionInitAck):
+            raise UnexpectedFrame(f"expected session_init_ack, got {_kind(frame)}")
+        if frame.status != "success":
+            raise ProtocolViolation("the node did not acknowledge the session with success")
+        if frame.session_id != self.session_id:
+            raise ForeignFrame(f"session_init_ack is for session {frame.session_id}")
+        if frame.job_id != int(self.job_id) or frame.chain_id != self.chain_id:
+            raise ProtocolViolation("session_init_ack names another job_id or chain_id")
+        if self.encrypted:
+            expected = self.client_key_address
+            if frame.client_address is None or frame.client_address.lower() != expected.lower():
+                raise ProtocolViolation(
+                    "the node reports another client address than the key this client signed with"
+                )
+            self.client_address = frame.client_address
+        else:
+            self.client_address = None
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._key is not None:
+            self._key.wipe()
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise SessionClosed(
+                f"the session broke earlier ({self._broken.code}) and cannot be used"
+            ) from self._broken
+        if self._closed:
+            raise SessionClosed("the session was closed")
+
+    def _break(self, exc: ClientError) -> None:
+        if self._broken is None:
+            self._broken = exc
+        if self._key is not None:
+            self._key.wipe()
+
+    # ------------------------------------------------------------ requests
+
+    def _new_request_id(self) -> str:
+        return f"{int(time.time() * 1000)}-{self._rng(5).hex()}"
+
+    async def _settle(self) -> None:
+        """Finish an abandoned request (a loop left early) before the next one."""
+        active = self._active
+        if active is not None and active.started and not active.done:
+            await self._drain(active)
+        self._active = None
+
+    async def _drain(self, stream: ResponseStream) -> None:
+        if not stream.cancel_sent:
+            await self.cancel("client abandoned the stream")
+        await stream._drain()
+
+    async def _start(self, stream: ResponseStream) -> ResponseReader:
+        self._check_usable()
+        if self._active is not None and self._active is not stream:
+            await self._settle()
+        if self.encrypted and self.reinit_each_prompt and self._next_message > 0:
+            await self._init()
+        request_id = self._new_request_id()
+        body = frames.dumps(stream._request).encode("utf-8")
+        reader: ResponseReader
+        if self.encrypted:
+            key = self._key
+            assert key is not None
+            index = self._next_message
+            aad = b"message_%d" % index
+            nonce = self._rng(aead.NONCE_SIZE)
+            text = frames.encrypted_message_frame(
+                session_id=self.session_id,
+                request_id=request_id,
+                ciphertext=aead.seal(key, nonce, body, aad),
+                nonce=nonce,
+                aad=aad,
+            )
+            self._next_message = index + 1
+            reader = EncryptedResponseReader(key, session_id=self.session_id, request_id=request_id)
+        else:
+            text = frames.prompt_frame(
+                session_id=self.session_id, request_id=request_id, request=stream._request
+            )
+            reader = PlaintextResponseReader(session_id=self.session_id, request_id=request_id)
+        stream.request_id = request_id
+        self._active = stream
+        await self._send(text, phase="request")
+        stream.sent_at = trio.current_time()
+        return reader
+
+    def _request_done(self, stream: ResponseStream) -> None:
+        if self._active is stream:
+            self._active = None
+
+    def _request_failed(self, stream: ResponseStream, exc: NodeErrorResponse) -> None:
+        # The node may still send the closing frames of this request; drop them later.
+        if stream.request_id is not None:
+            self._stale_ids.append(stream.request_id)
+        if self._active is stream:
+            self._active = None
+
+    # ------------------------------------------------------------ I/O
+
+    async def _send(self, text: str, *, phase: str = "request") -> None:
+        try:
+            await self._ws.send_message(text)
+        except ConnectionClosed as exc:
+            error: ClientError
+            if phase == "session init":
+                error = ConnectFailed(f"the node closed the connection ({_reason(exc)})")
+            else:
+                error = StreamTruncated(
+                    f"the node closed the connection before the {phase} was sent ({_reason(exc)})"
+                )
+            self._break(error)
+            raise error from None
+
+    async def _receive(self, timeout_s: float, what: str) -> ServerFrame | None:
+        """The next frame, or None for a late frame of a failed request (dropped)."""
+        with trio.move_on_after(timeout_s) as scope:
+            try:
+                raw = await self._ws.get_message()
+            except ConnectionClosed as exc:
+                raise StreamTruncated(
+                    f"the connection closed while waiting for {what} ({_reason(exc)})"
+                ) from None
+        if scope.cancelled_caught:
+            raise StreamTimeout(f"no {what} within {timeout_s:g} s")
+        frame = frames.parse_server_frame(raw)
+        frame_id = getattr(frame, "id", None)
+        if frame_id is not None and frame_id in self._stale_ids:
+            return None
+        return frame
+
+
+def _kind(frame: object) -> str:
+    kind = getattr(frame, "type", None)
+    return kind if isinstance(kind, str) else type(frame).__name__
+
+
+def _reason(exc: ConnectionClosed) -> str:
+    reason = exc.reason
+    if reason is None:
+        return "no close frame"
+    return f"code {reason.code}" + (f": {reason.reason[:100]}" if reason.reason else "")
+
+
+@asynccontextmanager
+async def open_session(
+    url: str,
+    *,
+    model: str,
+    job_id: int | str,
+    session_id: int | str | None = None,
+    host_public_key: bytes | str | None = None,
+    expected_host_address: str | None = None,
+    client_key: PrivateKey | None = None,
+    chain_id: int = DEFAULT_CHAIN_ID,
+    price_per_token: int = 0,
+    encrypted: bool = True,
+    reinit_each_prompt: bool = False,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    first_chunk_timeout: float = DEFAULT_FIRST_CHUNK_TIMEOUT_S,
+    chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT_S,
+    rng: Callable[[int], bytes] = os.urandom,
+    websocket: WebSocketConnection | None = None,
+) -> AsyncIterator[ClientSession]:
+    """Connect to a node and open one session on it.
+
+    ``url`` is the node's HTTP base (``http://h:p``; the WebSocket is ``ws://h:p/v1/ws``)
+    or a ``ws://``/``wss://`` URL. In encrypted mode (the default) the host key is
+    ``host_public_key`` or, when that is None, discovered with ``/v1/host-key`` and
+    confirmed with ``/v1/auth/challenge``; ``expected_host_address`` pins it.
+    ``client_key`` signs the init (a fresh random key when None). ``websocket`` is an
+    already-open connection to use instead of connecting to ``url`` (custom transports,
+    tests over memory streams); the caller stays responsible for closing it.
+    """
+    job_text = _decimal_text(job_id, "job_id")
+    session_text = job_text if session_id is None else _decimal_text(session_id, "session_id")
+    if isinstance(chain_id, bool) or not 0 < chain_id < 2**63:
+        raise ValueError("chain_id must be a positive integer")
+    ws_url = websocket_url(url)
+    host: HostIdentity | None = None
+    if encrypted:
+        if host_public_key is None:
+            host = await discover_host_key(
+                url, expected_address=expected_host_address, timeout_s=connect_timeout, rng=rng
+            )
+        else:
+            host = identity_from_public_key(host_public_key, expected_address=expected_host_address)
+    key = client_key if client_key is not None else random_client_key(rng)
+    async with AsyncExitStack() as stack:
+        if websocket is not None:
+            ws = websocket
+        else:
+            ws = await _connect(stack, ws_url, connect_timeout)
+        session = ClientSession(
+            ws,
+            ws_url=ws_url,
+            host=host,
+            client_key=key,
+            job_id=job_text,
+            session_id=session_text,
+            chain_id=chain_id,
+            model=model,
+            price_per_token=price_per_token,
+            encrypted=encrypted,
+            reinit_each_prompt=reinit_each_prompt,
+            connect_timeout=connect_timeout,
+            first_chunk_timeout=first_chunk_timeout,
+            chunk_timeout=chunk_timeout,
+            rng=rng,
+        )
+        stack.callback(session._close)
+        await session._open()
+        yield session
+
+
+async def _connect(stack: AsyncExitStack, ws_url: str, timeout_s: float) -> WebSocketConnection:
+    opened: list[WebSocketConnection] = []
+    # Runs after the WebSocket's own exit (exit callbacks run last-in, first-out).
+    stack.push_async_callback(_close_transport, opened)
+    try:
+        ws: WebSocketConnection = await stack.enter_async_context(
+            open_websocket_url(
+                ws_url,
+                max_message_size=MAX_FRAME_BYTES,
+                connect_timeout=timeout_s,
+                disconnect_timeout=timeout_s,
+            )
+        )
+    except ConnectionRejected as exc:
+        raise ConnectFailed(
+            f"the node refused the WebSocket upgrade at {ws_url} (HTTP {exc.status_code})"
+        ) from None
+    except HandshakeError as exc:
+        raise ConnectFailed(f"cannot open a WebSocket to {ws_url}") from exc
+    except OSError as exc:
+        raise ConnectFailed(f"cannot connect to {ws_url}: {exc.strerror or exc}") from None
+    opened.append(ws)
+    return ws
+
+
+async def _close_transport(opened: list[WebSocketConnection]) -> None:
+    """Close the TCP stream under a WebSocket the node closed first.
+
+    trio-websocket 0.12 leaves the client's socket open when the server starts the closing
+    handshake (the client waits for the server's TCP close, then its ``aclose`` returns
+    early because the WebSocket is already closed), so the socket would only be freed by
+    the garbage collector. Closing a trio stream twice is harmless.
+    """
+    for ws in opened:
+        stream = getattr(ws, "_stream", None)
+        if isinstance(stream, trio.abc.AsyncResource):
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
+                await stream.aclose()
