@@ -107,11 +107,19 @@ class WireClient:
 
     async def ask_encrypted(self, prompt: str, request_id: str = "r") -> tuple[str, dict[str, Any]]:
         """Send one encrypted prompt; return (decrypted text, stream_end frame)."""
+        return await self.ask_encrypted_json(
+            {"prompt": prompt, "model": "echo", "stream": True}, request_id
+        )
+
+    async def ask_encrypted_json(
+        self, request: dict[str, Any], request_id: str = "r"
+    ) -> tuple[str, dict[str, Any]]:
+        """Send one encrypted request object; return (decrypted text, stream_end frame)."""
         assert self.key is not None
         nonce = os.urandom(24)
         aad = b"message_%d" % self.next_index
         self.next_index += 1
-        body = json.dumps({"prompt": prompt, "model": "echo", "stream": True}).encode()
+        body = json.dumps(request).encode()
         await self.send(
             {
                 "type": "encrypted_message",
