@@ -38,8 +38,6 @@ from typing import Any, Self, TypeVar
 import attrs
 import trio
 
-from node.crypto.encoding import decode_hex
-from node.crypto.errors import CryptoError
 from node.crypto.hostkey import HostKey
 from node.settlement.errors import LedgerError, ReceiptError
 from node.settlement.receipt import (
@@ -50,6 +48,7 @@ from node.settlement.receipt import (
     VerificationStatus,
     parse_decimal,
     sign_receipt,
+    signature_from_hex,
     verify_receipt,
 )
 from node.settlement.schema import migrate
@@ -147,16 +146,7 @@ class StoredReceipt:
             raise ReceiptError("total_tokens column is not prompt + completion")
         if parse_decimal("amount", c["amount"], limit=MAX_AMOUNT) != receipt.amount:
             raise ReceiptError("amount column is not total_tokens * price_per_token")
-        sig_hex = c["signature"]
-        if sig_hex is None:
-            signature = None
-        elif isinstance(sig_hex, str):
-            try:
-                signature = decode_hex(sig_hex, "signature")
-            except CryptoError as exc:
-                raise ReceiptError(exc.message) from None
-        else:
-            raise ReceiptError("signature column is not hex text")
+        signature = signature_from_hex(c["signature"])
         if c["signed"] != (1 if signature is not None else 0):
             raise ReceiptError("signed column disagrees with the signature column")
         return SignedReceipt(receipt, signature)

@@ -268,19 +268,22 @@ class SignedReceipt:
     def from_export(cls, obj: object) -> SignedReceipt:
         if not isinstance(obj, Mapping) or set(obj) != {"receipt", "signature", "signed"}:
             raise ReceiptError("an exported receipt has exactly receipt, signature, signed")
-        sig_hex = obj["signature"]
-        if sig_hex is None:
-            signature = None
-        elif isinstance(sig_hex, str):
-            try:
-                signature = decode_hex(sig_hex, "signature")
-            except CryptoError as exc:
-                raise ReceiptError(exc.message) from None
-        else:
-            raise ReceiptError("signature must be a hex string or null")
+        signature = signature_from_hex(obj["signature"])
         if obj["signed"] is not (signature is not None):
             raise ReceiptError("signed flag disagrees with the signature field")
         return cls(Receipt.from_json_object(obj["receipt"]), signature)
+
+
+def signature_from_hex(value: object) -> bytes | None:
+    """A stored or exported signature: hex text, or None for an unsigned receipt."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ReceiptError("signature must be a hex string or null")
+    try:
+        return decode_hex(value, "signature")
+    except CryptoError as exc:
+        raise ReceiptError(exc.message) from None
 
 
 def sign_receipt(receipt: Receipt, host_key: HostKey | None) -> SignedReceipt:
