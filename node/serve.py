@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -66,6 +67,10 @@ async def run_node(config: NodeConfig, host_key: HostKey | None, backend: Backen
             log.info("loading backend", extra={"backend": backend.name})
             if not await backend.ready():
                 log.warning("backend is not ready yet", extra={"backend": backend.name})
+            # Everything loaded so far (modules, the model) lives for the whole run: keep
+            # it out of the collector's generations so full collections stay short.
+            gc.collect()
+            gc.freeze()
             host, port = listeners[0].socket.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             log.info(

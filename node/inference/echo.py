@@ -96,7 +96,9 @@ class EchoBackend:
                 raise InferenceFailed("the echo backend was told to fail here")
             if self._delay_s:
                 await trio.sleep(self._delay_s)
-            else:
+            elif sent % 64 == 63:
+                # emit normally checkpoints (a memory channel does); this keeps a cancel
+                # point even for an emit that never yields.
                 await trio.lowlevel.checkpoint()
             await emit(Piece(text=piece, tokens=1))
             sent += 1

@@ -18,7 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from node.crypto.errors import ErrorCode, NodeError
-from node.inference.base import ChatMessage, GenerationRequest, GenerationResult, Piece
+from node.inference.base import ChatMessage, Emit, GenerationRequest, GenerationResult, Piece
 from node.inference.errors import InferenceFailed, TokenLimitExceeded
 from node.protocol.connection import (
     Action,
@@ -90,6 +90,8 @@ def split_for_frames(text: str, tokens: int, budget: int) -> list[tuple[str, int
 
     The first part carries the token count (tokens cannot be split meaningfully).
     """
+    if len(text) * 4 <= budget:  # at most 4 UTF-8 bytes per character
+        return [(text, tokens)]
     data = text.encode("utf-8")
     if len(data) <= budget:
         return [(text, tokens)]
@@ -100,6 +102,23 @@ def split_for_frames(text: str, tokens: int, budget: int) -> list[tuple[str, int
         data = data[len(head.encode("utf-8")) :]
     parts[0] = (parts[0][0], tokens)
     return parts
+
+
+def _nonblocking_emit(channel: trio.MemorySendChannel[Piece]) -> Emit:
+    """The backend's ``emit``: queue without yielding while there is room.
+
+    A memory channel's ``send`` always passes through the scheduler; with room in the
+    buffer that costs a scheduler pass per piece for nothing. Only a full buffer (the
+    client reads slower than the model writes) makes the backend wait: back-pressure.
+    """
+
+    async def emit(piece: Piece) -> None:
+        try:
+            channel.send_nowait(piece)
+        except trio.WouldBlock:
+            await channel.send(piece)
+
+    return emit
 
 
 def _wire_error(exc: NodeError) -> NodeError:
@@ -282,7 +301,8 @@ class ConnectionDriver:
                     try:
                         async with send_channel:
                             result = await ctx.backend.generate(
-                                to_generation_request(action.request), send_channel.send
+                                to_generation_request(action.request),
+                                _nonblocking_emit(send_channel),
                             )
                     except NodeError as exc:
                         error = exc
@@ -348,7 +368,17 @@ class ConnectionDriver:
         state = self.state
         coalesce = self.ctx.config.coalesce
         async with receive_channel:
-            async for piece in receive_channel:
+            while True:
+                # Take what is queued without yielding; wait only when nothing is.
+                try:
+                    piece = receive_channel.receive_nowait()
+                except trio.WouldBlock:
+                    try:
+                        piece = await receive_channel.receive()
+                    except trio.EndOfChannel:
+                        return
+                except trio.EndOfChannel:
+                    return
                 text, tokens = piece.text, piece.tokens
                 while coalesce:
                     try:

@@ -1,0 +1,1139 @@
+#!/usr/bin/env python3
+"""End-to-end benchmarks of the node, each next to a baseline measured in the same run.
+
+    .venv/bin/python scripts/bench.py                 # everything, full size (a few minutes)
+    .venv/bin/python scripts/bench.py --quick         # everything, small (under a minute)
+    .venv/bin/python scripts/bench.py --only B1,B3    # some measures
+    .venv/bin/python scripts/bench.py --json out.json # default bench-results/bench-<time>.json
+
+B1 init CPU, B2 encrypted vs plaintext streaming, B3 node vs a bare trio-websocket server,
+B4 2,000 concurrent sessions, B5 node vs llama-cpp-python alone, B6 two workers vs one.
+See docs/BENCHMARKS.md for what each figure means. The node, the clients, the bare server
+and the direct model run are separate processes on 127.0.0.1 (OS-chosen ports); all are
+killed when the script ends. The ``--role`` modes are those child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hmac
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import _benchlib as lib  # noqa: E402
+import trio  # noqa: E402
+
+ALL = ("B1", "B2", "B3", "B4", "B5", "B6")
+B5_PROMPT = (
+    "Write a long, detailed story about a lighthouse keeper who finds a message in a "
+    "bottle, and describe every room of the lighthouse."
+)
+
+
+class Row:
+    def __init__(
+        self,
+        measure: str,
+        label: str,
+        value: float,
+        unit: str,
+        *,
+        baseline_label: str = "",
+        baseline: float | None = None,
+        ratio: float | None = None,
+        goal: str = "",
+        met: bool | None = None,
+        note: str = "",
+    ) -> None:
+        self.measure = measure
+        self.label = label
+        self.value = value
+        self.unit = unit
+        self.baseline_label = baseline_label
+        self.baseline = baseline
+        self.ratio = ratio
+        self.goal = goal
+        self.met = met
+        self.note = note
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if value != value:  # NaN
+        return "n/a"
+    if abs(value) >= 1000:
+        text = f"{value:,.0f}"
+    elif (float(value).is_integer() and not unit) or abs(value) >= 100:
+        text = f"{value:.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def render_table(rows: list[Row]) -> str:
+    head = ["#", "measure", "value", "baseline (same run)", "ratio", "goal", "met"]
+    body = []
+    for r in rows:
+        base = (
+            f"{_fmt(r.baseline, r.unit)} {r.baseline_label}".strip()
+            if r.baseline is not None
+            else r.baseline_label or "-"
+        )
+        body.append(
+            [
+                r.measure,
+                r.label + (f" [{r.note}]" if r.note else ""),
+                _fmt(r.value, r.unit),
+                base,
+                "-" if r.ratio is None else f"{r.ratio:.2f}x",
+                r.goal or "-",
+                "-" if r.met is None else ("MET" if r.met else "MISSED"),
+            ]
+        )
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)
+    ]
+    line = "-+-".join("-" * w for w in widths)
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), line]
+    out += [" | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(row.rstrip() for row in out)
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "opened": 0,
+        "requests": 0,
+        "chunks": 0,
+        "tokens": 0,
+        "bytes": 0,
+        "errors": 0,
+        "error_samples": [],
+        "first_token_s": [],
+        "decode_tok_s": [],
+        "latencies_ms": [],
+        "text_sha256": [],
+        "request_s": [],
+    }
+    starts = [r["t_start"] for r in results if r.get("t_start") is not None]
+    ends = [r["t_end"] for r in results if r.get("t_end") is not None]
+    for r in results:
+        for key in ("opened", "requests", "chunks", "tokens", "bytes", "errors"):
+            out[key] += r.get(key, 0)
+        for key in ("error_samples", "first_token_s", "decode_tok_s", "latencies_ms"):
+            out[key] += r.get(key, [])
+        out["text_sha256"] += r.get("text_sha256", [])
+        out["request_s"] += r.get("request_s", [])
+    out["client_gc_max_pause_ms"] = max(
+        (r.get("client_gc_max_pause_ms", 0.0) for r in results), default=0.0
+    )
+    out["wall_s"] = (max(ends) - min(starts)) if starts and ends else float("nan")
+    wall = out["wall_s"]
+    out["tokens_per_s"] = out["tokens"] / wall if wall and wall == wall and wall > 0 else 0.0
+    out["chunks_per_s"] = out["chunks"] / wall if wall and wall == wall and wall > 0 else 0.0
+    out["tokens_per_chunk"] = out["tokens"] / out["chunks"] if out["chunks"] else 0.0
+    out["frame_bytes_avg"] = out["bytes"] / out["chunks"] if out["chunks"] else 0.0
+    return out
+
+
+def paired_ratio(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> float:
+    """Median of the per-round ratios a[i]/b[i]: rounds alternate, so each pair ran under
+    nearly the same background load (steadier than a ratio of medians on a noisy box)."""
+    return lib.median([x[key] / y[key] for x, y in zip(a, b, strict=True) if y[key]])
+
+
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    """A round without its long lists (for the JSON details)."""
+    return {k: v for k, v in r.items() if k not in ("latencies_ms", "text_sha256", "request_s")}
+
+
+class ClientGroup:
+    """Client processes that share a target; rounds run on all of them at once."""
+
+    def __init__(self, name: str, children: list[lib.Child]) -> None:
+        self.name = name
+        self.children = children
+        self.ready: list[dict[str, Any]] = []
+
+    async def round(
+        self, requests: int, limit_s: float, server: lib.Child | None = None, spread_s: float = 0.0
+    ) -> dict[str, Any]:
+        """Run ``requests`` requests on every connection; CPU use of the server and clients."""
+        server_cpu = lib.group_cpu_seconds(server.pid) if server is not None else 0.0
+        client_cpu = sum(lib.cpu_seconds(c.pid) for c in self.children)
+        started = time.monotonic()
+        for child in self.children:
+            await child.send(f"go {requests} {spread_s}")
+        results = [await child.event(limit_s) for child in self.children]
+        elapsed = time.monotonic() - started
+        out = merge(results)
+        out["client_cpu_s"] = sum(lib.cpu_seconds(c.pid) for c in self.children) - client_cpu
+        out["round_s"] = elapsed
+        if server is not None:
+            cpu = lib.group_cpu_seconds(server.pid) - server_cpu
+            out["server_cpu_s"] = cpu
+            out["server_cpu_util"] = cpu / elapsed
+            out["server_cpu_us_per_chunk"] = cpu / out["chunks"] * 1e6 if out["chunks"] else 0.0
+        return out
+
+    @property
+    def opened(self) -> int:
+        return sum(r.get("opened", 0) for r in self.ready)
+
+    @property
+    def setup_errors(self) -> int:
+        return sum(r.get("setup_errors", 0) for r in self.ready)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        from node.crypto.curve import SECP256K1_N
+        from node.crypto.hostkey import HostKey
+
+        self.args = args
+        self.quick: bool = args.quick
+        self.tmp = tmp
+        self.rows: list[Row] = []
+        self.details: dict[str, Any] = {}
+        self.children: list[lib.Child] = []
+        self.noise: dict[str, dict[str, float]] = {}
+        # A throwaway host key for this run; it reaches the node only through its env.
+        while True:
+            scalar = os.urandom(32)
+            if 0 < int.from_bytes(scalar, "big") < SECP256K1_N:
+                break
+        self._node_env = {"HOST_PRIVATE_KEY": "0x" + scalar.hex()}
+        self.host_scalar = scalar
+        self.host_key = HostKey.parse("0x" + scalar.hex())
+        self.host_pub_hex = self.host_key.public_key.hex()
+
+    def say(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    # ------------------------------------------------------------------ processes
+
+    async def start_node(
+        self,
+        name: str,
+        *,
+        backend: str = "echo",
+        cli: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+        ready_timeout: float = 60.0,
+    ) -> tuple[lib.Child, int]:
+        port = lib.free_port()
+        ledger = str(self.tmp / f"{name}.sqlite3")
+        if config is not None:
+            full = {
+                "host": lib.HOST,
+                "port": port,
+                "backend": backend,
+                "ledger_path": ledger,
+                "log_level": "warning",
+                **config,
+            }
+            cmd = lib.bench_cmd("node", "--config", json.dumps(full))
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "node",
+                "serve",
+                "--backend",
+                backend,
+                "--host",
+                lib.HOST,
+                "--port",
+                str(port),
+                "--ledger",
+                ledger,
+                "--log-level",
+                "warning",
+                *(cli or []),
+            ]
+        child = await lib.Child.start(name, cmd, log_dir=self.tmp, env=self._node_env, pipes=False)
+        self.children.append(child)
+        await lib.wait_http_ready(port, ready_timeout, child)
+        return child, port
+
+    async def start_clients(
+        self,
+        name: str,
+        port: int,
+        *,
+        processes: int = 1,
+        connections: int = 1,
+        mode: str = "encrypted",
+        options: list[str] | None = None,
+        ready_timeout: float = 60.0,
+    ) -> ClientGroup:
+        children = []
+        for i in range(processes):
+            cmd = lib.bench_cmd(
+                "client",
+                "--port",
+                str(port),
+                "--mode",
+                mode,
+                "--connections",
+                str(connections),
+                "--host-pub",
+                self.host_pub_hex,
+                *(options or []),
+            )
+            child = await lib.Child.start(f"{name}-{i}", cmd, log_dir=self.tmp)
+            self.children.append(child)
+            children.append(child)
+        group = ClientGroup(name, children)
+        group.ready = [await c.event(ready_timeout) for c in children]
+        return group
+
+    async def stop(self, *children: lib.Child) -> None:
+        for child in children:
+            await child.stop()
+            if child in self.children:
+                self.children.remove(child)
+
+    async def stop_all(self) -> None:
+        await self.stop(*list(self.children))
+
+    # ------------------------------------------------------------------------ B1
+
+    def b1_init(self) -> None:
+        from coincurve import PrivateKey, PublicKey
+        from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
+
+        from node.crypto.curve import e2ee_v1_digest
+        from node.crypto.session_init import parse_init_payload, seal_session_init
+        from node.protocol.connection import ConnectionState, Send
+        from node.protocol.messages import decode, encode
+        from node.protocol.replay import InitReplayCache
+
+        n = 300 if self.quick else 3000
+        warm = 30
+        self.say(f"B1: sealing {n + warm} distinct init frames")
+        host = self.host_key
+        frames = []
+        for i in range(n + warm):
+            payload = seal_session_init(
+                host.public_key,
+                PrivateKey(),
+                os.urandom(32),
+                job_id=i + 1,
+                model_name="bench-model",
+                price_per_token=1000,
+            )
+            frames.append(
+                json.dumps(
+                    {
+                        "type": "encrypted_session_init",
+                        "session_id": str(i + 1),
+                        "job_id": str(i + 1),
+                        "chain_id": 84532,
+                        "id": f"init-{i}",
+                        "payload": payload,
+                    }
+                )
+            )
+        cache = InitReplayCache(window_s=900, max_entries=4 * (n + warm), clock=time.monotonic)
+        states = [
+            ConnectionState(host_key=host, replay_cache=cache, clock=time.monotonic) for _ in frames
+        ]
+        # CPU time of this thread: a preemption by another process is not counted.
+        perf = time.thread_time_ns
+        init_ns: list[int] = []
+        gc.collect()
+        for i, (text, state) in enumerate(zip(frames, states, strict=True)):
+            t0 = perf()
+            message = decode(text)
+            actions = state.receive(message)
+            out = [encode(a.message) for a in actions if isinstance(a, Send)]
+            t1 = perf()
+            if len(out) != 1 or '"session_init_ack"' not in out[0]:
+                raise RuntimeError("B1: an init was not acknowledged")
+            if i >= warm:
+                init_ns.append(t1 - t0)
+        for state in states:
+            state.close()
+
+        # The floor: the library calls an init cannot avoid, on the same inputs.
+        scalar = self.host_scalar
+        host_pub = host.public_key
+        inputs = []
+        for text in frames:
+            init = parse_init_payload(json.loads(text)["payload"])
+            eph = PublicKey(init.ephemeral_public)
+            digest = e2ee_v1_digest(
+                eph.format(compressed=True), host_pub, init.salt, init.nonce, b"", init.aad
+            )
+            sig = init.signature
+            inputs.append((eph, init.ciphertext, init.nonce, init.aad, sig, digest))
+        zero_salt = bytes(32)
+        floor_ns: list[int] = []
+        parts: dict[str, list[int]] = {"ecdh": [], "hkdf": [], "decrypt": [], "recover": []}
+        gc.collect()
+        for i, (eph, ct, nonce, aad, sig, digest) in enumerate(inputs):
+            t0 = perf()
+            x = eph.multiply(scalar).format(compressed=True)[1:]
+            prk = hmac.digest(zero_salt, x, "sha256")
+            key = hmac.digest(prk, b"\x01", "sha256")
+            crypto_aead_xchacha20poly1305_ietf_decrypt(ct, aad or None, nonce, key)
+            PublicKey.from_signature_and_message(sig, digest, hasher=None)
+            t1 = perf()
+            if i >= warm:
+                floor_ns.append(t1 - t0)
+        for i, (eph, ct, nonce, aad, sig, digest) in enumerate(inputs):  # the parts
+            t0 = perf()
+            x = eph.multiply(scalar).format(compressed=True)[1:]
+            t1 = perf()
+            prk = hmac.digest(zero_salt, x, "sha256")
+            key = hmac.digest(prk, b"\x01", "sha256")
+            t2 = perf()
+            crypto_aead_xchacha20poly1305_ietf_decrypt(ct, aad or None, nonce, key)
+            t3 = perf()
+            PublicKey.from_signature_and_message(sig, digest, hasher=None)
+            t4 = perf()
+            if i >= warm:
+                parts["ecdh"].append(t1 - t0)
+                parts["hkdf"].append(t2 - t1)
+                parts["decrypt"].append(t3 - t2)
+                parts["recover"].append(t4 - t3)
+        init_us = lib.median(init_ns) / 1000
+        floor_us = lib.median(floor_ns) / 1000
+        self.details["B1"] = {
+            "inits": n,
+            "init_median_us": init_us,
+            "init_p90_us": lib.percentile(init_ns, 90) / 1000,
+            "init_min_us": min(init_ns) / 1000,
+            "floor_median_us": floor_us,
+            "floor_parts_median_us": {k: lib.median(v) / 1000 for k, v in parts.items()},
+            "init_ciphertext_bytes": len(inputs[0][1]),
+        }
+        self.add(
+            Row(
+                "B1",
+                f"encrypted_session_init CPU, frame text -> ack text (median of {n})",
+                init_us,
+                "us",
+                baseline_label="floor: ECDH+HKDF+decrypt+recover",
+                baseline=floor_us,
+                ratio=init_us / floor_us,
+                goal="<= 250 us",
+                met=init_us <= 250,
+            )
+        )
+
+    # ------------------------------------------------------------------------ B2
+
+    async def b2_streaming(self) -> None:
+        q = self.quick
+        words = 2000 if q else 4000
+        conns = 2
+        per_round = 2 if q else 4
+        rounds = 2 if q else 6
+        self.say(
+            f"B2: node (echo) with {conns} connections x {per_round} requests of {words} words"
+        )
+        node, port = await self.start_node("b2-node")
+        opts = ["--prompt-words", str(words)]
+        groups = {
+            mode: await self.start_clients(
+                f"b2-{mode}", port, connections=conns, mode=mode, options=opts
+            )
+            for mode in ("plaintext", "encrypted")
+        }
+        got: dict[str, list[dict[str, Any]]] = {"plaintext": [], "encrypted": []}
+        for group in groups.values():  # warm-up
+            await group.round(1, 120)
+        for i in range(rounds):
+            order = ("plaintext", "encrypted") if i % 2 == 0 else ("encrypted", "plaintext")
+            for mode in order:
+                got[mode].append(await groups[mode].round(per_round, 300, node))
+        await self.stop(*(c for g in groups.values() for c in g.children), node)
+        med = {
+            mode: {
+                "tokens_per_s": lib.median([r["tokens_per_s"] for r in rs]),
+                "chunks_per_s": lib.median([r["chunks_per_s"] for r in rs]),
+                "tokens_per_chunk": lib.median([r["tokens_per_chunk"] for r in rs]),
+                "node_cpu_us_per_chunk": lib.median([r["server_cpu_us_per_chunk"] for r in rs]),
+                "node_cpu_util": lib.median([r["server_cpu_util"] for r in rs]),
+                "errors": sum(r["errors"] for r in rs),
+                "rounds": [summary(r) for r in rs],
+            }
+            for mode, rs in got.items()
+        }
+        self.details["B2"] = {
+            "words": words,
+            "connections": conns,
+            "requests_per_round": per_round,
+            **med,
+        }
+        enc, pla = med["encrypted"], med["plaintext"]
+        errors = enc["errors"] + pla["errors"]
+        ratio = paired_ratio(got["encrypted"], got["plaintext"], "tokens_per_s")
+        self.add(
+            Row(
+                "B2",
+                "encrypted tokens/s, echo over WebSocket",
+                enc["tokens_per_s"],
+                "tok/s",
+                baseline_label="plaintext",
+                baseline=pla["tokens_per_s"],
+                ratio=ratio,
+                goal=">= 0.87x",
+                met=ratio >= 0.87 and errors == 0,
+                note=f"{errors} errors" if errors else "",
+            )
+        )
+        self.add(
+            Row(
+                "B2",
+                f"encrypted chunks/s ({enc['tokens_per_chunk']:.1f} vs "
+                f"{pla['tokens_per_chunk']:.1f} tok/chunk)",
+                enc["chunks_per_s"],
+                "ch/s",
+                baseline_label="plaintext",
+                baseline=pla["chunks_per_s"],
+                ratio=paired_ratio(got["encrypted"], got["plaintext"], "chunks_per_s"),
+            )
+        )
+        cpu = {
+            mode: lib.median([r["server_cpu_s"] / r["tokens"] * 1e6 for r in rs if r["tokens"]])
+            for mode, rs in got.items()
+        }
+        self.details["B2"]["node_cpu_us_per_token"] = cpu
+        self.add(
+            Row(
+                "B2",
+                "node CPU per token, encrypted (ratio = capacity if the node is the bottleneck)",
+                cpu["encrypted"],
+                "us",
+                baseline_label="plaintext",
+                baseline=cpu["plaintext"],
+                ratio=cpu["plaintext"] / cpu["encrypted"],
+                note="info",
+            )
+        )
+
+    # ------------------------------------------------------------------------ B3
+
+    async def b3_ceiling(self) -> None:
+        q = self.quick
+        words = 2000 if q else 4000
+        per_round = 2 if q else 4
+        rounds = 2 if q else 4
+        slow_words = 1000 if q else 3000
+        slow_ms = 1.0
+        fixed_key = os.urandom(32).hex()  # a benchmark-only key shared with the bare server
+        self.say("B3: node without coalescing vs a bare trio-websocket server")
+        bare = await lib.Child.start(
+            "b3-bare",
+            lib.bench_cmd("bare", "--fixed-key", fixed_key, "--prompt-words", str(words)),
+            log_dir=self.tmp,
+        )
+        self.children.append(bare)
+        bare_ready = await bare.event(60)
+        node, port = await self.start_node("b3-node-perframe", config={"coalesce": False})
+        opts = ["--prompt-words", str(words)]
+        g_node = await self.start_clients("b3-c-node", port, options=opts)
+        g_bare = await self.start_clients(
+            "b3-c-bare", bare_ready["port"], options=[*opts, "--fixed-key", fixed_key]
+        )
+        got: dict[str, list[dict[str, Any]]] = {"node": [], "bare": []}
+        for g in (g_node, g_bare):
+            await g.round(1, 120)
+        servers = {"node": node, "bare": bare}
+        for i in range(rounds):
+            pairs = [("node", g_node), ("bare", g_bare)]
+            for name, g in pairs if i % 2 == 0 else pairs[::-1]:
+                got[name].append(await g.round(per_round, 300, servers[name]))
+        await self.stop(*g_node.children, *g_bare.children, node, bare)
+
+        self.say(f"B3: coalescing on, a client that spends {slow_ms} ms per frame")
+        bare = await lib.Child.start(
+            "b3-bare-slow",
+            lib.bench_cmd("bare", "--fixed-key", fixed_key, "--prompt-words", str(slow_words)),
+            log_dir=self.tmp,
+        )
+        self.children.append(bare)
+        bare_ready = await bare.event(60)
+        node, port = await self.start_node("b3-node-coalesce", config={"coalesce": True})
+        slow = ["--prompt-words", str(slow_words), "--slow-ms", str(slow_ms), "--rcvbuf", "16384"]
+        s_node = await self.start_clients("b3-slow-node", port, options=slow)
+        s_bare = await self.start_clients(
+            "b3-slow-bare", bare_ready["port"], options=[*slow, "--fixed-key", fixed_key]
+        )
+        slow_node = await s_node.round(1, 300, node)
+        slow_bare = await s_bare.round(1, 300, bare)
+        await self.stop(*s_node.children, *s_bare.children, node, bare)
+
+        node_cps = lib.median([r["chunks_per_s"] for r in got["node"]])
+        bare_cps = lib.median([r["chunks_per_s"] for r in got["bare"]])
+        errors = sum(r["errors"] for rs in got.values() for r in rs)
+        node_fb = lib.median([r["frame_bytes_avg"] for r in got["node"]])
+        bare_fb = lib.median([r["frame_bytes_avg"] for r in got["bare"]])
+        self.details["B3"] = {
+            "words": words,
+            "node_frame_bytes_avg": node_fb,
+            "bare_frame_bytes_avg": bare_fb,
+            "node_cpu_us_per_frame": lib.median(
+                [r["server_cpu_us_per_chunk"] for r in got["node"]]
+            ),
+            "bare_cpu_us_per_frame": lib.median(
+                [r["server_cpu_us_per_chunk"] for r in got["bare"]]
+            ),
+            "node_cpu_util": lib.median([r["server_cpu_util"] for r in got["node"]]),
+            "bare_cpu_util": lib.median([r["server_cpu_util"] for r in got["bare"]]),
+            "client_cpu_util_with_node": lib.median(
+                [r["client_cpu_s"] / r["round_s"] for r in got["node"]]
+            ),
+            "client_cpu_util_with_bare": lib.median(
+                [r["client_cpu_s"] / r["round_s"] for r in got["bare"]]
+            ),
+            "node_rounds": [summary(r) for r in got["node"]],
+            "bare_rounds": [summary(r) for r in got["bare"]],
+            "slow_client_ms_per_frame": slow_ms,
+            "slow_words": slow_words,
+            "slow_node": summary(slow_node),
+            "slow_bare": summary(slow_bare),
+        }
+        ratio = paired_ratio(got["node"], got["bare"], "chunks_per_s")
+        self.add(
+            Row(
+                "B3",
+                f"node chunks/s, 1 token/frame ({node_fb:.0f} B vs {bare_fb:.0f} B frames)",
+                node_cps,
+                "fr/s",
+                baseline_label="bare trio-websocket",
+                baseline=bare_cps,
+                ratio=ratio,
+                goal=">= 0.8x",
+                met=ratio >= 0.8 and errors == 0,
+                note=f"{errors} errors" if errors else "",
+            )
+        )
+        node_cpu = self.details["B3"]["node_cpu_us_per_frame"]
+        bare_cpu = self.details["B3"]["bare_cpu_us_per_frame"]
+        self.add(
+            Row(
+                "B3",
+                "server CPU per frame, node (ratio = capacity if the server is the bottleneck)",
+                node_cpu,
+                "us",
+                baseline_label="bare",
+                baseline=bare_cpu,
+                ratio=bare_cpu / node_cpu if node_cpu else None,
+                note="info",
+            )
+        )
+        slow_errors = slow_node["errors"] + slow_bare["errors"]
+        sratio = slow_node["tokens_per_s"] / slow_bare["tokens_per_s"]
+        self.add(
+            Row(
+                "B3",
+                "coalescing on, slow client: tokens/s "
+                f"({slow_node['tokens_per_chunk']:.1f} tok/frame)",
+                slow_node["tokens_per_s"],
+                "tok/s",
+                baseline_label="bare, same slow client",
+                baseline=slow_bare["tokens_per_s"],
+                ratio=sratio,
+                goal="> 1x",
+                met=sratio > 1.0 and slow_errors == 0,
+            )
+        )
+
+    # ------------------------------------------------------------------------ B4
+
+    async def b4_scale(self) -> None:
+        q = self.quick
+        wanted = self.args.sessions or (300 if q else 2000)
+        procs = 1 if wanted <= 500 else 2
+        conns = -(-wanted // procs)
+        sessions = procs * conns
+        pieces, delay_ms = 10, 50.0
+        spread_s = max(1.0, sessions / 100.0)
+        self.say(
+            f"B4: {sessions} concurrent encrypted sessions ({pieces} pieces x {delay_ms:.0f} ms)"
+        )
+        node, port = await self.start_node(
+            "b4-node",
+            cli=["--echo-delay-ms", str(delay_ms), "--max-connections", str(sessions + 500)],
+        )
+        opts = [
+            "--prompt-words",
+            str(pieces),
+            "--delay-ms",
+            str(delay_ms),
+            "--record-latency",
+            "--connect-concurrency",
+            "64",
+            "--request-timeout",
+            "120",
+        ]
+        await trio.sleep(0.5)
+        rss_before = lib.rss_kib(node.pid)
+        alone = await self.start_clients("b4-alone", port, options=opts)
+        await alone.round(1, 60, node)  # warm-up
+        solo = await alone.round(1, 60, node)
+        await self.stop(*alone.children)
+        group = await self.start_clients(
+            "b4-c", port, processes=procs, connections=conns, options=opts, ready_timeout=300
+        )
+        opened = group.opened
+        setup_errors = group.setup_errors
+        await trio.sleep(0.3)
+        rss_idle = lib.rss_kib(node.pid)
+        peak = rss_idle
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, lib.rss_kib(node.pid))
+                await trio.sleep(0.02)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample)
+            burst = await group.round(1, 300, node)
+            nursery.cancel_scope.cancel()
+        self.say(f"B4: again, request starts spread over {spread_s:.1f} s")
+        spread = await group.round(1, 300, node, spread_s=spread_s)
+        await self.stop(*group.children, node)
+
+        lat = burst["latencies_ms"]
+        lat_spread = spread["latencies_ms"]
+        errors = setup_errors + burst["errors"] + spread["errors"] + (sessions - opened)
+        per_session_idle = (rss_idle - rss_before) / max(opened, 1)
+        per_session_peak = (peak - rss_before) / max(opened, 1)
+        p99 = lib.percentile(lat, 99)
+        p99_spread = lib.percentile(lat_spread, 99)
+        p99_solo = lib.percentile(solo["latencies_ms"], 99)
+        offered = sessions * 1000.0 / delay_ms
+        offered_spread = sessions * pieces / (spread_s + pieces * delay_ms / 1000)
+
+        def lat_summary(values: list[float]) -> dict[str, float]:
+            return {q: lib.percentile(values, float(q[1:])) for q in ("p50", "p90", "p99")} | {
+                "max": max(values) if values else float("nan")
+            }
+
+        self.details["B4"] = {
+            "sessions": sessions,
+            "client_processes": procs,
+            "opened": opened,
+            "setup_errors": setup_errors,
+            "setup_error_samples": [
+                s for r in group.ready for s in r.get("setup_error_samples", [])
+            ],
+            "rss_before_kib": rss_before,
+            "rss_idle_sessions_kib": rss_idle,
+            "rss_peak_streaming_kib": peak,
+            "rss_per_session_idle_kib": per_session_idle,
+            "rss_per_session_peak_kib": per_session_peak,
+            "solo": {"latency_ms": lat_summary(solo["latencies_ms"]), **summary(solo)},
+            "all_at_once": {
+                "offered_pieces_per_s": offered,
+                "latency_ms": lat_summary(lat),
+                **summary(burst),
+            },
+            "spread": {
+                "spread_s": spread_s,
+                "offered_pieces_per_s": offered_spread,
+                "latency_ms": lat_summary(lat_spread),
+                **summary(spread),
+            },
+        }
+        tag = "quick: fewer sessions" if q and not self.args.sessions else ""
+        self.add(
+            Row(
+                "B4",
+                f"{sessions} sessions: errors",
+                errors,
+                "",
+                goal="0",
+                met=errors == 0,
+                note=tag,
+            )
+        )
+        self.add(
+            Row(
+                "B4",
+                f"node RSS per session, peak while streaming (idle: {per_session_idle:.1f} KiB)",
+                per_session_peak,
+                "KiB",
+                baseline_label=f"node before: {rss_before / 1024:.0f} MiB",
+                goal="<= 64 KiB",
+                met=per_session_peak <= 64,
+            )
+        )
+        self.add(
+            Row(
+                "B4",
+                f"p99 chunk latency, all {sessions} at once ({offered:,.0f} pieces/s offered, "
+                f"{burst['tokens_per_s']:,.0f} delivered, "
+                f"node CPU {burst.get('server_cpu_util', 0):.0%})",
+                p99,
+                "ms",
+                baseline_label="1 session alone",
+                baseline=p99_solo,
+                goal="<= 50 ms",
+                met=p99 <= 50,
+            )
+        )
+        self.add(
+            Row(
+                "B4",
+                f"p99 chunk latency, starts spread over {spread_s:.0f} s "
+                f"(~{offered_spread:,.0f} pieces/s)",
+                p99_spread,
+                "ms",
+                baseline_label="1 session alone",
+                baseline=p99_solo,
+                goal="<= 50 ms",
+                met=p99_spread <= 50,
+                note="info",
+            )
+        )
+
+    # ------------------------------------------------------------------------ B5
+
+    async def b5_model(self) -> None:
+        q = self.quick
+        max_tokens = 32 if q else 128
+        rounds = 1 if q else 5
+        threads = self.args.model_threads
+        self.say(
+            f"B5: node (llama, encrypted) vs llama-cpp-python alone, {max_tokens} tokens greedy"
+        )
+        direct = await lib.Child.start(
+            "b5-direct",
+            lib.bench_cmd(
+                "direct",
+                "--prompt-text",
+                B5_PROMPT,
+                "--max-tokens",
+                str(max_tokens),
+                "--model-threads",
+                str(threads),
+            ),
+            log_dir=self.tmp,
+        )
+        self.children.append(direct)
+        await direct.event(120)
+        node, port = await self.start_node(
+            "b5-node", backend="llama", cli=["--n-threads", str(threads)], ready_timeout=120
+        )
+        client = await self.start_clients(
+            "b5-client",
+            port,
+            options=[
+                "--prompt-text",
+                B5_PROMPT,
+                "--max-tokens",
+                str(max_tokens),
+                "--temperature",
+                "0",
+                "--request-timeout",
+                "300",
+            ],
+        )
+
+        async def run_direct() -> dict[str, Any]:
+            await direct.send("go")
+            return await direct.event(300)
+
+        got: dict[str, list[dict[str, Any]]] = {"node": [], "direct": []}
+        await run_direct()  # warm-up
+        await client.round(1, 300)
+        for i in range(rounds):
+            for name in ("direct", "node") if i % 2 == 0 else ("node", "direct"):
+                if name == "direct":
+                    got["direct"].append(await run_direct())
+                else:
+                    got["node"].append(await client.round(1, 300))
+        await direct.send("quit")
+        await self.stop(*client.children, node, direct)
+        node_first = lib.median([r["first_token_s"][0] for r in got["node"] if r["first_token_s"]])
+        node_rate = lib.median([r["decode_tok_s"][0] for r in got["node"] if r["decode_tok_s"]])
+        direct_first = lib.median([r["first_token_s"] for r in got["direct"]])
+        direct_rate = lib.median([r["decode_tok_s"] for r in got["direct"]])
+        node_hashes = {h for r in got["node"] for h in r["text_sha256"]}
+        direct_hashes = {r["text_sha256"] for r in got["direct"]}
+        same = node_hashes == direct_hashes and len(node_hashes) == 1
+        errors = sum(r["errors"] for r in got["node"])
+        self.details["B5"] = {
+            "max_tokens": max_tokens,
+            "rounds": rounds,
+            "model_threads": threads,
+            "node": [summary(r) for r in got["node"]],
+            "direct": got["direct"],
+            "same_output": same,
+        }
+        pairs = list(zip(got["node"], got["direct"], strict=True))
+        diff_ms = 1000 * lib.median(
+            [n["first_token_s"][0] - d["first_token_s"] for n, d in pairs if n["first_token_s"]]
+        )
+        note = "same greedy text" if same else "TEXT DIFFERS"
+        self.add(
+            Row(
+                "B5",
+                f"first token: node - direct ({node_first * 1000:.1f} vs "
+                f"{direct_first * 1000:.1f} ms)",
+                diff_ms,
+                "ms",
+                goal="<= 5 ms",
+                met=diff_ms <= 5 and errors == 0,
+                note=note,
+            )
+        )
+        ratio = lib.median(
+            [n["decode_tok_s"][0] / d["decode_tok_s"] for n, d in pairs if n["decode_tok_s"]]
+        )
+        self.add(
+            Row(
+                "B5",
+                "decode tokens/s, node end-to-end (encrypted)",
+                node_rate,
+                "tok/s",
+                baseline_label="llama-cpp-python alone",
+                baseline=direct_rate,
+                ratio=ratio,
+                goal=">= 0.97x",
+                met=ratio >= 0.97 and errors == 0,
+            )
+        )
+
+    # ------------------------------------------------------------------------ B6
+
+    async def b6_workers(self) -> None:
+        q = self.quick
+        words = 1000 if q else 2000
+        procs, conns = 4, 4
+        rounds = 2 if q else 4
+        per_round = 1 if q else 2
+        self.say(f"B6: --workers 2 vs 1, {procs} client processes x {conns} connections")
+        n1, p1 = await self.start_node("b6-w1", cli=["--workers", "1"])
+        n2, p2 = await self.start_node("b6-w2", cli=["--workers", "2"])
+        opts = ["--prompt-words", str(words)]
+        g1 = await self.start_clients("b6-c1", p1, processes=procs, connections=conns, options=opts)
+        g2 = await self.start_clients("b6-c2", p2, processes=procs, connections=conns, options=opts)
+        got: dict[str, list[dict[str, Any]]] = {"w1": [], "w2": []}
+        await g1.round(1, 300)
+        await g2.round(1, 300)
+        servers = {"w1": n1, "w2": n2}
+        for i in range(rounds):
+            pairs = [("w1", g1), ("w2", g2)]
+            for name, g in pairs if i % 2 == 0 else pairs[::-1]:
+                got[name].append(await g.round(per_round, 300, servers[name]))
+        await self.stop(*g1.children, *g2.children, n1, n2)
+        t1 = lib.median([r["tokens_per_s"] for r in got["w1"]])
+        t2 = lib.median([r["tokens_per_s"] for r in got["w2"]])
+        errors = sum(r["errors"] for rs in got.values() for r in rs)
+        util = {
+            name: (
+                lib.median([r["server_cpu_util"] for r in rs]),
+                lib.median([r["client_cpu_s"] / r["round_s"] for r in rs]),
+            )
+            for name, rs in got.items()
+        }
+        self.details["B6"] = {
+            "node_cpu_cores": {k: v[0] for k, v in util.items()},
+            "client_cpu_cores": {k: v[1] for k, v in util.items()},
+            "words": words,
+            "client_processes": procs,
+            "connections_per_process": conns,
+            "w1": [summary(r) for r in got["w1"]],
+            "w2": [summary(r) for r in got["w2"]],
+        }
+        ratio = paired_ratio(got["w2"], got["w1"], "tokens_per_s")
+        self.add(
+            Row(
+                "B6",
+                f"--workers 2 tokens/s ({procs}x{conns} connections; node CPU "
+                f"{util['w2'][0]:.2f} vs {util['w1'][0]:.2f} cores, clients "
+                f"{util['w2'][1]:.2f} vs {util['w1'][1]:.2f}, nproc={os.cpu_count()})",
+                t2,
+                "tok/s",
+                baseline_label="--workers 1",
+                baseline=t1,
+                ratio=ratio,
+                goal=">= 1.7x",
+                met=ratio >= 1.7 and errors == 0,
+                note=f"{errors} errors" if errors else "",
+            )
+        )
+
+    # ---------------------------------------------------------------------- run
+
+    async def run(self, only: list[str]) -> None:
+        steps: dict[str, Callable[[], Any]] = {
+            "B2": self.b2_streaming,
+            "B3": self.b3_ceiling,
+            "B4": self.b4_scale,
+            "B5": self.b5_model,
+            "B6": self.b6_workers,
+        }
+        try:
+            for name in only:
+                started = time.monotonic()
+                busy0, own0 = lib.machine_busy_seconds(), lib.own_cpu_seconds()
+                try:
+                    if name == "B1":
+                        self.b1_init()
+                    else:
+                        await steps[name]()
+                except (
+                    RuntimeError,
+                    OSError,
+                    trio.TooSlowError,
+                    KeyError,
+                    ZeroDivisionError,
+                ) as exc:
+                    self.say(f"{name} failed: {type(exc).__name__}: {exc}")
+                    self.add(
+                        Row(
+                            name,
+                            f"FAILED: {type(exc).__name__}: {str(exc)[:80]}",
+                            float("nan"),
+                            "",
+                            met=False,
+                        )
+                    )
+                    self.details.setdefault("failures", {})[name] = f"{type(exc).__name__}: {exc}"
+                finally:
+                    await self.stop_all()
+                elapsed = time.monotonic() - started
+                busy = lib.machine_busy_seconds() - busy0
+                own = lib.own_cpu_seconds() - own0
+                self.details.setdefault("seconds", {})[name] = round(elapsed, 1)
+                # CPU that processes other than this benchmark's used meanwhile (noise).
+                self.noise[name] = {
+                    "other_cores": round(max(0.0, busy - own) / elapsed, 2),
+                    "bench_cores": round(own / elapsed, 2),
+                    "loadavg_1m_after": round(os.getloadavg()[0], 2),
+                }
+        finally:
+            await self.stop_all()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes: everything in under a minute")
+    p.add_argument("--only", default=",".join(ALL), help="comma-separated measures, e.g. B1,B3")
+    p.add_argument("--json", dest="json_path", help="where to write the results")
+    p.add_argument("--sessions", type=int, default=0, help="B4 sessions (default 2000, quick 300)")
+    p.add_argument(
+        "--model-threads", type=int, default=1, help="B5 llama.cpp threads, both sides (default 1)"
+    )
+    # child-process roles (internal)
+    p.add_argument("--role", choices=["main", "client", "bare", "direct", "node"], default="main")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--mode", choices=["encrypted", "plaintext"], default="encrypted")
+    p.add_argument("--connections", type=int, default=1)
+    p.add_argument("--host-pub", default="")
+    p.add_argument("--fixed-key", default="")
+    p.add_argument("--prompt-words", type=int, default=1000)
+    p.add_argument("--prompt-text", default="")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--slow-ms", type=float, default=0.0)
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--record-latency", action="store_true")
+    p.add_argument("--rcvbuf", type=int, default=0)
+    p.add_argument("--connect-concurrency", type=int, default=32)
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--config", default="{}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "client":
+        trio.run(lib.client_main, args)
+        return 0
+    if args.role == "bare":
+        trio.run(lib.bare_main, args)
+        return 0
+    if args.role == "direct":
+        lib.direct_model_main(args)
+        return 0
+    if args.role == "node":
+        return lib.node_main(args)
+
+    only = [m.strip().upper() for m in args.only.split(",") if m.strip()]
+    unknown = [m for m in only if m not in ALL]
+    if unknown:
+        print(
+            f"unknown measures: {', '.join(unknown)} (choose from {', '.join(ALL)})",
+            file=sys.stderr,
+        )
+        return 2
+    only = [m for m in ALL if m in only]
+    lib.raise_fd_limit()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    json_path = (
+        Path(args.json_path) if args.json_path else REPO / "bench-results" / f"bench-{stamp}.json"
+    )
+    machine = lib.machine_info()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="llm-node-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            trio.run(bench.run, only)
+        finally:
+            bench.host_key.wipe()
+    elapsed = time.monotonic() - started
+    table = render_table(bench.rows)
+    mode = "quick" if args.quick else "full"
+    print(
+        f"\nllm-node benchmarks ({mode}, {elapsed:.0f} s) on {machine['nproc']} x "
+        f"{machine['cpu_model']}, Python {machine['python']}, load at start "
+        f"{machine['loadavg_at_start']}\n"
+    )
+    print(table)
+    noise = ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in bench.noise.items())
+    print(f"\nCPU used by other processes meanwhile (cores, of {machine['nproc']}): {noise}")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "timestamp": stamp,
+        "mode": mode,
+        "elapsed_s": round(elapsed, 1),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine,
+        "rows": [r.as_dict() for r in bench.rows],
+        "details": bench.details,
+        "noise": bench.noise,
+    }
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nJSON: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

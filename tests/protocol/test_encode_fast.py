@@ -1,0 +1,61 @@
+"""The direct writers for per-piece frames give exactly the converter's bytes."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.protocol.messages import (
+    ChunkPayload,
+    EncryptedChunk,
+    StreamChunk,
+    encode,
+    encode_generic,
+)
+
+ids = st.none() | st.text(max_size=40) | st.integers(-(2**63), 2**64 - 1)
+session_ids = st.none() | st.integers(0, 2**64).map(str)
+
+
+@given(
+    ciphertext=st.binary(min_size=16, max_size=64),
+    nonce=st.binary(min_size=24, max_size=24),
+    index=st.none() | st.integers(0, 10**6),
+    tokens=st.integers(0, 1000),
+    request_id=ids,
+    session_id=session_ids,
+    final=st.booleans(),
+)
+def test_encrypted_chunk_fast_path_matches(
+    ciphertext: bytes,
+    nonce: bytes,
+    index: int | None,
+    tokens: int,
+    request_id: str | int | None,
+    session_id: str | None,
+    final: bool,
+) -> None:
+    aad = b"chunk_%d" % (index or 0)
+    frame = EncryptedChunk(
+        tokens, ChunkPayload(ciphertext, nonce, aad, index), request_id, session_id, final
+    )
+    text = encode(frame)
+    assert text == encode_generic(frame)
+    assert json.loads(text)["payload"]["ciphertextHex"] == ciphertext.hex()
+
+
+@given(
+    content=st.text(max_size=60),
+    tokens=st.integers(0, 1000),
+    request_id=ids,
+    session_id=session_ids,
+)
+def test_stream_chunk_fast_path_matches(
+    content: str, tokens: int, request_id: str | int | None, session_id: str | None
+) -> None:
+    frame = StreamChunk(content, tokens, request_id, session_id)
+    text = encode(frame)
+    assert text == encode_generic(frame)
+    assert text.isascii()
