@@ -7,12 +7,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from node import __version__
 from node.client.cli import add_chat_command
 from node.config import NodeConfig
 from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import ENV_VAR, HostKey
+from node.inference.factory import parse_model_map
 from node.settlement.cli import add_receipts_command
 
 
@@ -82,7 +84,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
     )
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
+    p.add_argument("--port", type=_port, default=_env("PORT", "8080"))
     p.add_argument(
         "--backend",
         choices=["llama", "openai", "echo"],
@@ -91,15 +93,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "echo: streams the prompt back (tests and benchmarks)",
     )
     p.add_argument("--model", dest="model_path", default=_env("MODEL"), help="GGUF file path")
-    p.add_argument("--n-threads", type=int, default=_int_env("N_THREADS"))
-    p.add_argument("--n-ctx", type=int, default=_int_env("N_CTX"), help="context window")
+    p.add_argument("--n-threads", type=_positive_int, default=_env("N_THREADS"))
+    p.add_argument("--n-ctx", type=_non_negative_int, default=_env("N_CTX"), help="context window")
     p.add_argument(
         "--queue-limit",
-        type=int,
-        default=_int_env("QUEUE_LIMIT") or 8,
+        type=_non_negative_int,
+        default=_env("QUEUE_LIMIT", "8"),
         help="requests that may wait for the model; more get RATE_LIMITED",
     )
-    p.add_argument("--echo-delay-ms", type=float, default=float(_env("ECHO_DELAY_MS", "0") or 0))
+    p.add_argument("--echo-delay-ms", type=_non_negative_float, default=_env("ECHO_DELAY_MS", "0"))
     p.add_argument("--upstream-url", default=_env("UPSTREAM_URL"), help="OpenAI-compatible URL")
     p.add_argument(
         "--upstream-model-map",
@@ -107,7 +109,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="node=upstream model names, comma separated",
     )
     p.add_argument(
-        "--upstream-timeout", type=float, default=float(_env("UPSTREAM_TIMEOUT", "60") or 60)
+        "--upstream-timeout", type=_positive_float, default=_env("UPSTREAM_TIMEOUT", "60")
     )
     p.add_argument(
         "--require-encryption",
@@ -115,27 +117,23 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=_env_flag("REQUIRE_ENCRYPTION"),
         help="refuse plaintext clients (ENCRYPTION_REQUIRED)",
     )
-    p.add_argument("--idle-timeout", type=float, default=float(_env("IDLE_TIMEOUT", "300") or 300))
+    p.add_argument("--idle-timeout", type=_positive_float, default=_env("IDLE_TIMEOUT", "300"))
+    p.add_argument("--session-ttl", type=_positive_float, default=_env("SESSION_TTL", "86400"))
     p.add_argument(
-        "--session-ttl", type=float, default=float(_env("SESSION_TTL", "86400") or 86400)
+        "--max-frame-bytes", type=_frame_size, default=_env("MAX_FRAME_BYTES", "1048576")
     )
     p.add_argument(
-        "--max-frame-bytes", type=int, default=int(_env("MAX_FRAME_BYTES", "1048576") or 0)
+        "--max-connections", type=_positive_int, default=_env("MAX_CONNECTIONS", "10000")
     )
-    p.add_argument(
-        "--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", "10000") or 0)
-    )
-    p.add_argument(
-        "--replay-window", type=float, default=float(_env("REPLAY_WINDOW", "900") or 900)
-    )
-    p.add_argument("--max-errors", type=int, default=int(_env("MAX_ERRORS", "10") or 10))
+    p.add_argument("--replay-window", type=_positive_float, default=_env("REPLAY_WINDOW", "900"))
+    p.add_argument("--max-errors", type=_positive_int, default=_env("MAX_ERRORS", "10"))
     p.add_argument(
         "--allowed-clients",
         default=_env("ALLOWED_CLIENTS"),
         help="comma-separated client addresses allowed to open encrypted sessions",
     )
     p.add_argument("--ledger", default=_env("LEDGER"), help="SQLite ledger path")
-    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1))
+    p.add_argument("--workers", type=_positive_int, default=_env("WORKERS", "1"))
     p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
@@ -145,18 +143,37 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_serve)
 
 
-def _int_env(name: str) -> int | None:
-    value = _env(name)
-    return int(value) if value else None
+def _number(kind: type[int] | type[float], minimum: float, what: str) -> Any:
+    """An argparse type: a number of ``kind`` at least ``minimum`` (flags and env vars)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, "a positive integer")
+_non_negative_int = _number(int, 0, "a non-negative integer")
+_positive_float = _number(float, 1e-9, "a positive number")
+_non_negative_float = _number(float, 0, "a non-negative number")
+_frame_size = _number(int, 1024, "a frame size of at least 1024 bytes")
+
+
+def _port(text: str) -> int:
+    value: int = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    model_map: dict[str, str] = {}
-    if args.upstream_model_map:
-        for item in args.upstream_model_map.split(","):
-            if "=" in item:
-                ours, theirs = item.split("=", 1)
-                model_map[ours.strip()] = theirs.strip()
+    model_map = parse_model_map(args.upstream_model_map) if args.upstream_model_map else {}
     allowed = None
     if args.allowed_clients:
         allowed = frozenset(a.strip().lower() for a in args.allowed_clients.split(",") if a)
@@ -192,7 +209,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from node.logs import configure_logging
     from node.serve import serve_main
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(config.log_level, config.log_format)
     return serve_main(config)
 

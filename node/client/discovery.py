@@ -80,7 +80,9 @@ def normalize_address(address: str) -> str:
 def _check_pin(identity: HostIdentity, expected_address: str | None) -> None:
     if expected_address is None:
         return
-    if identity.address.lower() != normalize_address(expected_address):
+    if not constant_time_equal(
+        identity.address.lower().encode(), normalize_address(expected_address).encode()
+    ):
         raise HostKeyMismatch(
             f"the node's host key belongs to {identity.address}, not to the expected "
             f"address {expected_address.strip()}"
@@ -149,7 +151,9 @@ async def discover_host_key(
         except ValueError as exc:
             raise HostVerificationFailed(f"/v1/host-key announced an invalid key: {exc}") from None
         claimed = announced.get("address")
-        if not isinstance(claimed, str) or claimed.lower() != identity.address.lower():
+        if not isinstance(claimed, str) or not constant_time_equal(
+            claimed.lower().encode(), identity.address.lower().encode()
+        ):
             raise HostVerificationFailed(
                 "/v1/host-key announced an address that does not belong to its public key"
             )

@@ -18,7 +18,7 @@ import attrs
 
 from node.client.errors import MalformedFrame
 from node.crypto import aead
-from node.crypto.encoding import decode_hex, encode_hex
+from node.crypto.encoding import decode_hex, encode_hex, loads_bounded
 from node.crypto.errors import InvalidHexEncoding
 from node.protocol.messages import (
     ChunkPayload,
@@ -269,7 +269,7 @@ def parse_server_frame(frame: str | bytes) -> ServerFrame:
     if len(frame) > 4 * MAX_TEXT:
         raise _bad("frame is too large")
     try:
-        obj = json.loads(frame, parse_constant=_no_constants)
+        obj = loads_bounded(frame, parse_constant=_no_constants)
     except (ValueError, RecursionError):
         raise _bad("frame is not valid JSON") from None
     if not isinstance(obj, dict):

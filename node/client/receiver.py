@@ -9,6 +9,9 @@ text) or raises. It is stricter than the SDK (``sdk/node_to_client_dev.json``'s
 * chunk ``i`` must carry AAD ``chunk_<i>`` and ``payload.index == i`` for the next ``i``;
 * every chunk and the ``encrypted_response`` must decrypt under the session key (a failed
   tag is an error, never a skipped token), and text comes only from frames that did;
+* no nonce may repeat under one session key: the AAD ``chunk_<i>`` does not name the
+  request, so a chunk captured from an earlier answer of the same session would otherwise
+  authenticate again in the same position of a later one (the node's nonces are random);
 * the stream ends with the empty final chunk, then ``encrypted_response`` (AAD
   ``encrypted_response_final``, a known finish reason), then a ``stream_end`` that agrees.
 
@@ -133,9 +136,18 @@ class ResponseReader:
 class EncryptedResponseReader(ResponseReader):
     """Reads the encrypted answer to one ``encrypted_message``."""
 
-    def __init__(self, key: SecretBytes, *, session_id: str, request_id: str) -> None:
+    def __init__(
+        self,
+        key: SecretBytes,
+        *,
+        session_id: str,
+        request_id: str,
+        seen_nonces: set[bytes] | None = None,
+    ) -> None:
         super().__init__(session_id=session_id, request_id=request_id)
         self._key = key
+        # Nonces of every frame accepted under this key (shared by the session's readers).
+        self._seen_nonces: set[bytes] = set() if seen_nonces is None else seen_nonces
         self.next_index = 0
         self.final_seen = False
         self.finish_reason: str | None = None
@@ -178,6 +190,7 @@ class EncryptedResponseReader(ResponseReader):
                 f"chunk {expected} failed authentication under the session key "
                 "(tampered, or sealed with another key)"
             ) from None
+        self._fresh(payload.nonce, f"chunk {expected}")
         self.next_index = expected + 1
         if frame.final:
             if plaintext or frame.tokens:
@@ -208,10 +221,18 @@ class EncryptedResponseReader(ResponseReader):
             raise ChunkAuthenticationFailed(
                 "encrypted_response failed authentication under the session key"
             ) from None
+        self._fresh(payload.nonce, "encrypted_response")
         reason = plaintext.decode("ascii", errors="replace")
         if reason not in FINISH_REASONS:
             raise InvalidFinishReason("encrypted_response carries an unknown finish reason")
         self.finish_reason = reason
+
+    def _fresh(self, nonce: bytes, what: str) -> None:
+        if nonce in self._seen_nonces:
+            raise ChunkOutOfOrder(
+                f"{what} is a replay: its nonce was already used under this session key"
+            )
+        self._seen_nonces.add(bytes(nonce))
 
 
 class PlaintextResponseReader(ResponseReader):

@@ -59,7 +59,7 @@ from node.client.receiver import (
 )
 from node.crypto import aead
 from node.crypto.curve import SECP256K1_N, address_of
-from node.crypto.secret import SecretBytes
+from node.crypto.secret import SecretBytes, constant_time_equal
 from node.crypto.session_init import seal_session_init
 from node.protocol.messages import Connected, ErrorMessage, Pong, SessionInitAck, Usage
 
@@ -71,6 +71,9 @@ DEFAULT_FIRST_CHUNK_TIMEOUT_S: Final = 120.0
 DEFAULT_CHUNK_TIMEOUT_S: Final = 60.0
 MAX_FRAME_BYTES: Final = 1 << 20
 _STALE_IDS_KEPT: Final = 64
+# Nonces remembered per session key to refuse replayed chunks; past this many the next
+# request re-inits first (a new key starts an empty set), so memory stays bounded.
+MAX_NONCES_PER_KEY: Final = 16_384
 
 
 @attrs.frozen
@@ -303,6 +306,7 @@ class ClientSession:
         self._rng = rng
         self._key: SecretBytes | None = None
         self._next_message = 0
+        self._seen_nonces: set[bytes] = set()
         self._active: ResponseStream | None = None
         self._stale_ids: collections.deque[str] = collections.deque(maxlen=_STALE_IDS_KEPT)
         self._closed = False
@@ -454,6 +458,7 @@ class ClientSession:
             self._key.wipe()
         self._key = new_key
         self._next_message = 0
+        self._seen_nonces = set()
         self.inits += 1
 
     def _check_ack(self, frame: ServerFrame) -> None:
@@ -469,7 +474,9 @@ class ClientSession:
             raise ProtocolViolation("session_init_ack names another job_id or chain_id")
         if self.encrypted:
             expected = self.client_key_address
-            if frame.client_address is None or frame.client_address.lower() != expected.lower():
+            if frame.client_address is None or not constant_time_equal(
+                frame.client_address.lower().encode(), expected.lower().encode()
+            ):
                 raise ProtocolViolation(
                     "the node reports another client address than the key this client signed with"
                 )
@@ -517,7 +524,11 @@ class ClientSession:
         self._check_usable()
         if self._active is not None and self._active is not stream:
             await self._settle()
-        if self.encrypted and self.reinit_each_prompt and self._next_message > 0:
+        if (
+            self.encrypted
+            and self._next_message > 0
+            and (self.reinit_each_prompt or len(self._seen_nonces) >= MAX_NONCES_PER_KEY)
+        ):
             await self._init()
         request_id = self._new_request_id()
         body = frames.dumps(stream._request).encode("utf-8")
@@ -536,7 +547,12 @@ class ClientSession:
                 aad=aad,
             )
             self._next_message = index + 1
-            reader = EncryptedResponseReader(key, session_id=self.session_id, request_id=request_id)
+            reader = EncryptedResponseReader(
+                key,
+                session_id=self.session_id,
+                request_id=request_id,
+                seen_nonces=self._seen_nonces,
+            )
         else:
             text = frames.prompt_frame(
                 session_id=self.session_id, request_id=request_id, request=stream._request

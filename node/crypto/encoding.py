@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import binascii
+import json
+import re
+from typing import Any
 
 from node.crypto.errors import InvalidHexEncoding
 
@@ -40,3 +43,43 @@ def decode_hex_into_bytearray(text: str, field: str) -> bytearray:
 def encode_hex(data: bytes | bytearray | memoryview) -> str:
     """Lowercase hex without prefix, as the node writes it."""
     return binascii.hexlify(data).decode("ascii")
+
+
+# ----------------------------------------------------------------- bounded JSON
+
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when JSON text nests arrays/objects deeper than ``limit`` (or is unbalanced).
+
+    The C JSON parser recurses once per level; a 1 MiB frame of ``[`` could exhaust the C
+    stack when the interpreter's recursion limit has been raised (a segfault seen here),
+    so deep input is refused before parsing. Runs at C speed: strings are cut out, runs
+    of openers are looked for, then innermost pairs are removed level by level.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    run = r"[\[{]" + f"{{{limit + 1}}}"
+    for _ in range(limit):
+        if re.search(run, brackets):
+            return True  # that many openers in a row is already too deep
+        shorter = brackets.replace("[]", "").replace("{}", "")
+        if shorter == brackets:
+            break
+        brackets = shorter
+    return bool(brackets)
+
+
+def loads_bounded(text: str, **kwargs: Any) -> Any:
+    """``json.loads`` for untrusted text: too deep raises ValueError, as does a
+    RecursionError from the parser; nothing else than ValueError/TypeError escapes."""
+    if too_deep(text):
+        raise ValueError("JSON nested too deeply")
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

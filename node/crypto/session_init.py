@@ -24,7 +24,12 @@ from node.crypto.curve import (
     recover_public_key,
     sign_recoverable,
 )
-from node.crypto.encoding import decode_hex, decode_hex_into_bytearray, encode_hex
+from node.crypto.encoding import (
+    decode_hex,
+    decode_hex_into_bytearray,
+    encode_hex,
+    loads_bounded,
+)
 from node.crypto.errors import (
     InvalidHexEncoding,
     InvalidNonceSize,
@@ -56,15 +61,15 @@ class InitPayload:
     info: bytes = b""
 
     def replay_key(self) -> bytes:
-        """What the init replay cache remembers: ephemeral key and nonce.
+        """What the init replay cache remembers: the ephemeral key's x-coordinate and nonce.
 
-        The key is taken in compressed form: one point has two SEC1 encodings that open
-        the same init under the same signature, so both must hit the same cache entry.
+        Only x is kept. The ECDH secret is the x-coordinate of ``d * E``, which is the same
+        for E and -E, so the 02/03 (and 65-byte) spellings of +/-E all open the same init;
+        with the parity flipped the signature recovers another key, which a replay without
+        ``recoveryPublicKey`` would otherwise get accepted under. All of them must hit the
+        same cache entry.
         """
-        eph = self.ephemeral_public
-        if len(eph) == 65:
-            eph = bytes((2 | (eph[64] & 1),)) + eph[1:33]
-        return eph + b"|" + self.nonce
+        return self.ephemeral_public[1:33] + b"|" + self.nonce
 
 
 @attrs.define(repr=False)
@@ -155,7 +160,7 @@ def _parse_decimal(value: object, field: str) -> int:
 
 def _parse_session_json(plaintext: SecretBytes) -> tuple[SecretBytes, dict[str, Any]]:
     try:
-        data = json.loads(plaintext.view().tobytes().decode("utf-8"))
+        data = loads_bounded(plaintext.view().tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise InvalidSessionData("decrypted session data is not UTF-8 JSON") from None
     finally:

@@ -26,6 +26,7 @@ import httpx
 import trio
 from httpx_sse import SSEError, aconnect_sse
 
+from node.crypto.encoding import loads_bounded
 from node.inference.base import (
     Emit,
     GenerationRequest,
@@ -311,7 +312,7 @@ class OpenAIBackend:
 
     def _parse_chunk(self, data: str, secrets: list[str]) -> dict[str, Any]:
         try:
-            chunk = json.loads(data)
+            chunk = loads_bounded(data)
         except ValueError:
             raise InferenceFailed(
                 f"the upstream server at {self._where} sent a stream event that is not JSON"
@@ -371,7 +372,7 @@ def _error_text(raw: bytes) -> str:
     """
     text = raw.decode("utf-8", errors="replace").strip()
     try:
-        body = json.loads(text)
+        body = loads_bounded(text)
     except ValueError:
         return " ".join(text.split())
     parts: list[str] = []

@@ -20,7 +20,7 @@ import attrs
 from node.crypto import aead
 from node.crypto.errors import ErrorCode, NodeError
 from node.crypto.hostkey import HostKey
-from node.crypto.secret import SecretBytes
+from node.crypto.secret import SecretBytes, constant_time_equal
 from node.crypto.session_init import open_session_init
 from node.protocol.errors import CLOSE_POLICY_VIOLATION, ProtocolError
 from node.protocol.messages import (
@@ -283,7 +283,8 @@ class ConnectionState:
             and old.encrypted
             and old.job_id == data.job_id
             and old.chain_id == message.chain_id
-            and old.client_address == data.client_address
+            and old.client_address is not None
+            and constant_time_equal(old.client_address.encode(), data.client_address.encode())
             and old.price_per_token == data.price_per_token
             and old.model_name == data.model_name
         )
@@ -463,13 +464,18 @@ class ConnectionState:
     # ---------------------------------------------------------------- output
 
     def _error(
-        self, exc: NodeError, request_id: RequestId | None, session_id: str | None
+        self,
+        exc: NodeError,
+        request_id: RequestId | None,
+        session_id: str | None,
+        *,
+        charge: bool = True,
     ) -> list[Action]:
         extra = exc.extra if isinstance(exc, ProtocolError) else getattr(exc, "wire_extra", {})
         actions: list[Action] = [
             Send(ErrorMessage(exc.code.value, exc.message, request_id, session_id, dict(extra)))
         ]
-        if exc.code not in _NODE_SIDE_CODES:
+        if charge and exc.code not in _NODE_SIDE_CODES:
             self.error_count += 1
             if self.error_count >= self.config.max_errors:
                 actions.append(
@@ -549,7 +555,11 @@ class ConnectionState:
         active = self.active
         if active is None:
             raise RuntimeError("no request is streaming")
-        actions = self._error(error, active.request_id, active.session.session_id or None)
+        # A request that was valid but could not be served (busy model, unknown model,
+        # prompt too long, backend failure) is not protocol abuse: no error-budget charge.
+        actions = self._error(
+            error, active.request_id, active.session.session_id or None, charge=False
+        )
         frames = self.finish(
             "error", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
         )

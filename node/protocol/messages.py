@@ -17,7 +17,7 @@ import attrs
 import cattrs
 
 from node.crypto import aead
-from node.crypto.encoding import decode_hex
+from node.crypto.encoding import decode_hex, loads_bounded
 from node.crypto.errors import ErrorCode, NodeError
 from node.crypto.session_init import InitPayload, parse_init_payload
 from node.protocol.errors import ProtocolError
@@ -555,41 +555,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
-MAX_JSON_DEPTH: Final = 64
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-
-
-def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when JSON text nests arrays/objects deeper than ``limit`` (or is unbalanced).
-
-    The C JSON parser recurses once per level; a 1 MiB frame of ``[`` could exhaust the C
-    stack when the interpreter's recursion limit has been raised, so deep input is refused
-    before parsing. Runs at C speed: strings are cut out, then innermost pairs removed.
-    """
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    run = r"[\[{]" + f"{{{limit + 1}}}"
-    for _ in range(limit):
-        if re.search(run, brackets):
-            return True  # that many openers in a row is already too deep
-        shorter = brackets.replace("[]", "").replace("{}", "")
-        if shorter == brackets:
-            break
-        brackets = shorter
-    return bool(brackets)
-
-
 def parse_json(text: str | bytes) -> Any:
     """``json.loads`` that turns every failure into ``INVALID_MESSAGE``."""
     try:
         if isinstance(text, bytes):
             # Strict UTF-8: json.loads would otherwise guess UTF-16/32 from the bytes.
             text = text.decode("utf-8")
-        if too_deep(text):
-            raise ValueError("nested too deeply")
-        return json.loads(text, parse_constant=_reject_constant)
+        return loads_bounded(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError, TypeError):
         raise _invalid("frame is not valid UTF-8 JSON") from None
 
@@ -617,7 +589,7 @@ def decode(text: str | bytes) -> InboundMessage:
 def request_id_of(text: str | bytes) -> RequestId | None:
     """Best-effort ``id`` of a frame that failed to decode, so the error can echo it."""
     try:
-        obj = json.loads(text)
+        obj = parse_json(text)  # the same depth guard as decode: never json.loads raw input
         return _request_id(obj) if isinstance(obj, dict) else None
-    except (ValueError, RecursionError, TypeError, ProtocolError):
+    except ProtocolError:
         return None

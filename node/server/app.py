@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from functools import partial
 from typing import Any
@@ -12,7 +11,7 @@ import trio
 from trio_websocket import wrap_server_stream
 
 from node import PROTOCOL_VERSION, __version__
-from node.crypto.encoding import decode_hex
+from node.crypto.encoding import decode_hex, loads_bounded
 from node.crypto.errors import InvalidHexEncoding
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
@@ -90,7 +89,7 @@ def build_router(ctx: NodeContext) -> Router:
         if key is None:
             return HttpResponse.error(404, "this node has no host key (plaintext-only)")
         try:
-            body: Any = json.loads(request.body or b"null")
+            body: Any = loads_bounded((request.body or b"null").decode("utf-8"))
         except ValueError:
             return HttpResponse.error(400, 'body must be JSON: {"challenge": "<64 hex>"}')
         text = body.get("challenge") if isinstance(body, dict) else None
@@ -136,6 +135,13 @@ class NodeServer:
         ctx.metrics.live_states = ctx.live_states
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one TCP connection; whatever goes wrong stays inside it."""
+        try:
+            await self._handle_stream(stream)
+        except Exception as exc:
+            log.error("connection handler failed", extra={"error_type": _leaf_types(exc)})
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         async with stream:
             conn = new_connection()
             try:
@@ -179,28 +185,39 @@ class NodeServer:
         self._pending_upgrades += 1
         connection_id = ctx.next_connection_id
         ctx.next_connection_id += 1
-        async with trio.open_nursery() as nursery:
-            ws = None
-            try:
-                with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-                    try:
-                        request = await wrap_server_stream(
-                            nursery,
-                            replay,
-                            message_queue_size=1,
-                            max_message_size=ctx.config.max_frame_bytes,
-                            receive_buffer_size=WS_RECEIVE_BUFFER,
-                        )
-                        ws = await request.accept()
-                    except Exception as exc:
-                        log.info(
-                            "WebSocket handshake failed", extra={"error_type": type(exc).__name__}
-                        )
-            finally:
-                self._pending_upgrades -= 1
-            if ws is not None:
-                await ConnectionDriver(ctx, ws, connection_id).run()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = None
+                try:
+                    with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                        try:
+                            request = await wrap_server_stream(
+                                nursery,
+                                replay,
+                                message_queue_size=1,
+                                max_message_size=ctx.config.max_frame_bytes,
+                                receive_buffer_size=WS_RECEIVE_BUFFER,
+                            )
+                            ws = await request.accept()
+                        except Exception as exc:
+                            log.info(
+                                "WebSocket handshake failed",
+                                extra={"error_type": type(exc).__name__},
+                            )
+                finally:
+                    self._pending_upgrades -= 1
+                if ws is not None:
+                    await ConnectionDriver(ctx, ws, connection_id).run()
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # One connection failing must never take the node down. trio-websocket's reader
+            # task raises wsproto's LocalProtocolError when a peer sends a ping or an
+            # oversized message while we are closing; the driver has wiped its keys by now
+            # (its ``finally`` ran when the nursery cancelled it).
+            log.warning(
+                "WebSocket connection failed",
+                extra={"conn": connection_id, "error_type": _leaf_types(exc)},
+            )
 
     async def serve(
         self,
@@ -251,6 +268,13 @@ async def open_listeners(
     await sock.bind((host, port))
     sock.listen(1024)
     return [trio.SocketListener(sock)]
+
+
+def _leaf_types(exc: BaseException) -> str:
+    """The exception's type name, or the sorted type names inside an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return ",".join(sorted({_leaf_types(e) for e in exc.exceptions}))
+    return type(exc).__name__
 
 
 async def _quiet(awaitable: Any) -> None:

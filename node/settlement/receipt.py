@@ -47,6 +47,7 @@ from node.crypto.curve import address_of, eip191_digest, recover_public_key
 from node.crypto.encoding import decode_hex, encode_hex
 from node.crypto.errors import CryptoError
 from node.crypto.hostkey import HostKey
+from node.crypto.secret import constant_time_equal
 from node.settlement.errors import ReceiptError
 from node.settlement.usage import MAX_TOKENS, MAX_UINT256, check_text, check_uint
 
@@ -296,7 +297,9 @@ def sign_receipt(receipt: Receipt, host_key: HostKey | None) -> SignedReceipt:
         if receipt.host_address is not None:
             raise ReceiptError("an unsigned receipt must not name a host address")
         return SignedReceipt(receipt, None)
-    if receipt.host_address != host_key.address:
+    if receipt.host_address is None or not constant_time_equal(
+        receipt.host_address.encode(), host_key.address.encode()
+    ):
         raise ReceiptError("receipt host_address is not the signing key's address")
     return SignedReceipt(receipt, host_key.sign_personal_message(receipt.canonical_bytes()))
 
@@ -350,7 +353,9 @@ def verify_receipt(signed: SignedReceipt, *, host_address: str | None = None) ->
         return Verification(
             VerificationStatus.INVALID, "receipt carries a signature but names no host address"
         )
-    if host_address is not None and host_address.lower() != receipt.host_address.lower():
+    if host_address is not None and not constant_time_equal(
+        host_address.lower().encode(), receipt.host_address.lower().encode()
+    ):
         return Verification(
             VerificationStatus.INVALID,
             f"receipt names host {receipt.host_address}, expected {host_address}",
@@ -359,7 +364,7 @@ def verify_receipt(signed: SignedReceipt, *, host_address: str | None = None) ->
         signer = recover_signer(receipt.canonical_bytes(), signed.signature)
     except CryptoError as exc:
         return Verification(VerificationStatus.INVALID, f"bad signature: {exc.message}")
-    if signer.lower() != receipt.host_address.lower():
+    if not constant_time_equal(signer.lower().encode(), receipt.host_address.lower().encode()):
         return Verification(
             VerificationStatus.INVALID,
             f"signature is by {signer}, not by the host {receipt.host_address}",

@@ -561,7 +561,7 @@ def test_plaintext_wiped_when_not_json(captured: dict[str, list[Any]]) -> None:
 def test_replay_key_is_ephemeral_key_and_nonce() -> None:
     payload = Frame().payload()
     init = parse_init_payload(payload)
-    assert init.replay_key() == bytes.fromhex(payload["ephPubHex"]) + b"|" + NONCE
+    assert init.replay_key() == bytes.fromhex(payload["ephPubHex"])[1:] + b"|" + NONCE
     other = parse_init_payload(Frame(nonce=bytes(24)).payload())
     assert other.replay_key() != init.replay_key()
     # The same point written uncompressed must map to the same cache entry.

@@ -136,10 +136,13 @@ def _sample(action: argparse.Action) -> tuple[str, object]:
     if action.choices:
         choice = next(c for c in action.choices if c != action.default)
         return str(choice), choice
-    if action.type is int:
-        return "7", 7
-    if action.type is float:
-        return "7.5", 7.5
+    if callable(action.type):
+        # Numeric flags parse their text (argparse applies ``type`` to env defaults too).
+        for text in ("2048", "7.5"):
+            try:
+                return text, action.type(text)
+            except (ValueError, argparse.ArgumentTypeError):
+                continue
     return "sample-value", "sample-value"
 
 
@@ -161,6 +164,8 @@ def test_documented_defaults_are_the_real_defaults(clean_env: pytest.MonkeyPatch
         flag = action.option_strings[0]
         cell = table[flag][1]
         default = action.default
+        if isinstance(default, str) and callable(action.type):
+            default = action.type(default)  # what argparse turns a text default into
         if cell == "unset":
             assert default is None, f"{flag}: documented unset, default is {default!r}"
         elif cell == "off":

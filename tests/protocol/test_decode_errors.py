@@ -262,7 +262,7 @@ def test_deep_nesting_is_refused_before_the_parser_recurses() -> None:
     (a segfault seen here); the depth check refuses such frames before parsing."""
     import sys
 
-    from node.protocol.messages import too_deep
+    from node.crypto.encoding import too_deep
 
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(200_000)

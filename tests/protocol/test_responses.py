@@ -171,16 +171,19 @@ def test_fail_puts_the_error_frame_first() -> None:
     assert not conn.streaming
 
 
-def test_fail_with_a_client_error_counts_and_may_close() -> None:
+def test_a_failed_request_is_not_charged_to_the_error_budget() -> None:
+    """Busy model, unknown model, prompt too long: the request was valid protocol, so a
+    client retrying against a busy node is never closed with 1008 for it."""
     conn = make_conn(max_errors=1)
     conn.receive(make_init(KEY))
     start(conn, 0)
     from node.protocol import ProtocolError
 
     actions = conn.fail(ProtocolError(ErrorCode.TOKEN_LIMIT_EXCEEDED, "too long", prompt_tokens=9))
-    assert kinds(actions) == ["Send", "Send", "Send", "Send", "Close"]
+    assert kinds(actions) == ["Send", "Send", "Send", "Send"]
     error = wire(actions[0].message)  # type: ignore[union-attr]
     assert (error["code"], error["prompt_tokens"]) == ("TOKEN_LIMIT_EXCEEDED", 9)
+    assert conn.error_count == 0
 
 
 def test_plaintext_stream() -> None:
