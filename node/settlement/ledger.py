@@ -196,7 +196,8 @@ class LedgerStore:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._path = path
-        self._lock = threading.Lock()
+        # Re-entrant: a batch holds it while each write in the batch takes it again.
+        self._lock = threading.RLock()
 
     @property
     def path(self) -> Path:
@@ -325,6 +326,17 @@ class LedgerStore:
     @staticmethod
     @contextmanager
     def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+        """A transaction, or a savepoint inside the batch's transaction (group commit)."""
+        if conn.in_transaction:
+            conn.execute("SAVEPOINT one_write")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK TO one_write")
+                conn.execute("RELEASE one_write")
+                raise
+            conn.execute("RELEASE one_write")
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -333,6 +345,23 @@ class LedgerStore:
                 conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def run_batch(self, writes: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        """Run several writes in one transaction: one COMMIT (one fsync) for all of them.
+
+        Each write runs in its own savepoint, so one that fails is rolled back alone and
+        its exception is returned in its slot as ``(False, exc)``; the others return
+        ``(True, result)``. If the COMMIT itself fails, every write failed: that error
+        is raised and none of them is durable.
+        """
+        results: list[tuple[bool, Any]] = []
+        with self._locked("write a batch") as conn, self._transaction(conn):
+            for write in writes:
+                try:
+                    results.append((True, write()))
+                except Exception as exc:  # reported to that write's caller
+                    results.append((False, exc))
+        return results
 
     @staticmethod
     def _insert_session(
@@ -656,6 +685,27 @@ class LedgerStore:
         return str(self.pragma("integrity_check"))
 
 
+class _PendingWrite:
+    """One write waiting for its batch's COMMIT."""
+
+    __slots__ = ("done", "fn", "ok", "value")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = False
+        self.ok = False
+        self.value: Any = None
+
+    def finish(self, outcome: tuple[bool, Any]) -> None:
+        self.ok, self.value = outcome
+        self.done = True
+
+    def result(self) -> Any:
+        if not self.ok:
+            raise self.value
+        return self.value
+
+
 class Ledger:
     """The server's handle on the ledger (Trio). Build it with :meth:`open`.
 
@@ -683,7 +733,9 @@ class Ledger:
         self._host_key = host_key
         self._wall_clock = wall_clock
         self._offload = offload
-        self._lock = trio.Lock()
+        self._pending: list[_PendingWrite] = []
+        self._writing = False
+        self._batch_finished = trio.Event()
         self.recovered: list[SignedReceipt] = []
 
     @classmethod
@@ -738,15 +790,43 @@ class Ledger:
         self.close()
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        # Shielded: a write that has been asked for completes and commits even while
-        # the caller's scope is cancelled; the worker thread is never abandoned.
+        """Run one write and return when it is committed (group commit).
+
+        Writes that arrive while a batch is being committed wait and then go together in
+        the next batch: one transaction and one fsync for all of them, instead of one
+        each (with ``synchronous=FULL`` the fsync is what limits writes per second).
+        Whichever waiting caller finds no batch running commits the next one.
+        Shielded: a write that has been asked for completes and commits even while the
+        caller's scope is cancelled; the worker thread is never abandoned.
+        """
+        slot = _PendingWrite(fn)
         with trio.CancelScope(shield=True):
-            async with self._lock:
+            self._pending.append(slot)
+            while not slot.done:
+                if self._writing:
+                    await self._batch_finished.wait()
+                    continue
+                await self._commit_pending()
+        return slot.result()  # type: ignore[no-any-return]
+
+    async def _commit_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        self._writing = True
+        try:
+            writes = [item.fn for item in batch]
+            try:
                 if self._offload:
-                    result = await trio.to_thread.run_sync(fn)
+                    results = await trio.to_thread.run_sync(self.store.run_batch, writes)
                 else:
-                    result = fn()
-        return result
+                    results = self.store.run_batch(writes)
+            except Exception as exc:  # the COMMIT failed: nothing in the batch is durable
+                results = [(False, exc)] * len(batch)
+            for item, outcome in zip(batch, results, strict=True):
+                item.finish(outcome)
+        finally:
+            self._writing = False
+            finished, self._batch_finished = self._batch_finished, trio.Event()
+            finished.set()
 
     def start_session(self, identity: SessionIdentity) -> SessionUsage:
         """Begin accounting for a session (no I/O; its row is written with its first
