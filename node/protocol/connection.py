@@ -65,6 +65,7 @@ class ProtocolConfig:
     init_burst: int = 10  # encrypted inits a connection may send at once ...
     init_refill_per_s: float = 1.0  # ... and how fast that allowance comes back
     allowed_clients: frozenset[str] | None = None  # lowercase addresses; None = anyone
+    max_sessions: int = 64  # sessions one connection may hold at once
 
 
 @attrs.define(repr=False, eq=False)
@@ -256,6 +257,7 @@ class ConnectionState:
                 ErrorCode.ENCRYPTION_NOT_SUPPORTED, "this node has no host key; use plaintext mode"
             )
         self._take_init_allowance()
+        self._check_session_room(message.session_id)
         payload = message.payload
         data = open_session_init(self.host_key, payload)
         try:
@@ -402,8 +404,17 @@ class ConnectionState:
         self.used_plaintext = True
         return [PlaintextDeprecated()]
 
+    def _check_session_room(self, session_id: str) -> None:
+        if session_id not in self.sessions and len(self.sessions) >= self.config.max_sessions:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"this connection already holds {len(self.sessions)} sessions (the limit); "
+                "reuse a session id or open another connection",
+            )
+
     def _on_plaintext_init(self, message: SessionInit) -> list[Action]:
         actions = self._plaintext_allowed()
+        self._check_session_room(message.session_id)
         old = self.sessions.pop(message.session_id, None)
         if old is not None and old.job_id != message.job_id:
             actions.append(SessionEnded(old, "reinit"))
@@ -437,6 +448,7 @@ class ConnectionState:
         session = self.sessions.get(message.session_id) if message.session_id else None
         if session is None and message.session_id:
             # An old client that never sent session_init: the prompt opens the session.
+            self._check_session_room(message.session_id)
             session = Session(
                 session_id=message.session_id,
                 job_id=None,

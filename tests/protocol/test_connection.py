@@ -689,3 +689,25 @@ def test_actions_and_sessions_never_show_key_material() -> None:
     text = repr(actions) + repr(conn.sessions) + repr(conn.sessions["42"].key)
     assert K1.hex() not in text
     assert repr(K1) not in text
+
+
+def test_sessions_per_connection_are_capped() -> None:
+    """One connection cannot pile up sessions (and keys) without bound."""
+    clock = Clock()
+    conn = make_conn(clock=clock, max_sessions=3, init_burst=100)
+    for sid in ("1", "2", "3"):
+        assert kinds(conn.receive(make_init(K1, session_id=sid))) == ["SessionStarted", "Send"]
+    refused = conn.receive(make_init(K1, session_id="4"))
+    assert error_code(refused) is E.RATE_LIMITED
+    assert conn.keys_held == 3
+    # Re-initialising a session it already holds is still fine.
+    again = conn.receive(make_init(K2, session_id="2"))
+    assert isinstance(sends(again)[-1], SessionInitAck)
+    plain = make_conn(clock=clock, max_sessions=1)
+    plain.receive(frame({"type": "session_init", "session_id": "1", "job_id": "1"}))
+    assert error_code(
+        plain.receive(frame({"type": "prompt", "prompt": "p", "session_id": "9"}))
+    ) is (E.RATE_LIMITED)
+    assert error_code(
+        plain.receive(frame({"type": "session_init", "session_id": "8", "job_id": "8"}))
+    ) is (E.RATE_LIMITED)
