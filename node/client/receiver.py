@@ -20,6 +20,7 @@ No Trio here: the session drives I/O and timeouts.
 
 from __future__ import annotations
 
+import abc
 from typing import Final, NoReturn
 
 import attrs
@@ -69,7 +70,7 @@ class ResponseEnd:
 ReaderEvent = TextPiece | ResponseEnd | None
 
 
-class ResponseReader:
+class ResponseReader(abc.ABC):
     """What both readers share: id checks, error frames, bookkeeping."""
 
     def __init__(self, *, session_id: str, request_id: str) -> None:
@@ -89,10 +90,11 @@ class ResponseReader:
             return self._feed(frame)
         raise UnexpectedFrame(f"unexpected {_kind(frame)} frame while a response was streaming")
 
+    @abc.abstractmethod
     def _feed(
         self, frame: EncryptedChunk | EncryptedResponse | StreamChunk | StreamEndFrame
-    ) -> ReaderEvent:  # pragma: no cover - overridden
-        raise NotImplementedError
+    ) -> ReaderEvent:
+        """Mode-specific handling of one response frame (encrypted or plaintext)."""
 
     def _check_ids(
         self, frame: EncryptedChunk | EncryptedResponse | StreamChunk | StreamEndFrame
