@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -16,9 +17,9 @@ from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend
 from node.inference.factory import create_backend
-from node.protocol.replay import InitReplayCache
 from node.server.app import NodeServer, open_listeners
 from node.server.context import NodeContext
+from node.server.shared_replay import SharedReplayCacheError, SqliteReplayCache
 from node.settlement.errors import LedgerError
 from node.settlement.ledger import Ledger
 from node.settlement.service import ledger_path, open_accounting
@@ -41,17 +42,33 @@ def build_backend(config: NodeConfig) -> Backend:
     )
 
 
-async def _watch_signals(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("signal received, shutting down", extra={"signal": signum})
-            shutdown.set()
-            return
+async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> None:
+    async for signum in signals:
+        log.info("signal received, shutting down", extra={"signal": signum})
+        shutdown.set()
+        return
 
 
 async def run_node(config: NodeConfig, host_key: HostKey | None, backend: Backend) -> None:
-    replay = InitReplayCache(window_s=config.replay_window_s, clock=trio.current_time)
+    # Signals are caught from the first moment of the run, so a stop that arrives while the
+    # ledger opens or the model loads still shuts down gracefully (and exits 0).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await _run_node(config, host_key, backend, signals)
+
+
+async def _run_node(
+    config: NodeConfig, host_key: HostKey | None, backend: Backend, signals: AsyncIterator[int]
+) -> None:
     accounting = await open_accounting(config, host_key)
+    try:
+        # Shared by every worker and kept across restarts: a file beside the ledger.
+        replay = SqliteReplayCache(
+            ledger_path(config).with_name("replay-cache.sqlite3"),
+            window_s=config.replay_window_s,
+        )
+    except BaseException:
+        await accounting.aclose()
+        raise
     ctx = NodeContext(
         config=config,
         host_key=host_key,
@@ -63,7 +80,7 @@ async def run_node(config: NodeConfig, host_key: HostKey | None, backend: Backen
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, shutdown)
+            nursery.start_soon(_watch_signals, signals, shutdown)
             log.info("loading backend", extra={"backend": backend.name})
             if not await backend.ready():
                 log.warning("backend is not ready yet", extra={"backend": backend.name})
@@ -91,12 +108,21 @@ async def run_node(config: NodeConfig, host_key: HostKey | None, backend: Backen
         with trio.CancelScope(shield=True):
             await backend.aclose()
             await accounting.aclose()
+            replay.close()
         if host_key is not None:
             host_key.wipe()
         log.info("stopped")
 
 
+def _exit_quietly(signum: int, _frame: object) -> None:  # pragma: no cover - subprocess
+    sys.exit(0)
+
+
 def _worker_main(config: NodeConfig, index: int) -> None:  # pragma: no cover - subprocess
+    # A stop asked for before the worker listens is a clean exit; once Trio runs, its
+    # signal receiver takes over and shuts the worker down gracefully.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGINT, _exit_quietly)
     from node.logs import configure_logging
 
     configure_logging(config.log_level, config.log_format)
@@ -136,7 +162,11 @@ def _serve_workers(config: NodeConfig) -> int:
     for proc in procs:
         proc.start()
 
+    stopping = False
+
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
@@ -145,7 +175,13 @@ def _serve_workers(config: NodeConfig) -> int:
     signal.signal(signal.SIGTERM, forward)
     for proc in procs:
         proc.join()
-    return 0 if all(proc.exitcode == 0 for proc in procs) else 1
+
+    def clean(code: int | None) -> bool:
+        # A worker stopped before it had even started Python's handlers ends by the
+        # signal itself; after a stop we asked for, that is a clean exit too.
+        return code == 0 or (stopping and code in (-signal.SIGTERM, -signal.SIGINT))
+
+    return 0 if all(clean(proc.exitcode) for proc in procs) else 1
 
 
 def serve_main(config: NodeConfig) -> int:
@@ -175,6 +211,9 @@ def _serve_one(config: NodeConfig) -> int:
         trio.run(run_node, config, host_key, backend)
     except LedgerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except SharedReplayCacheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {exc.strerror or exc}", file=sys.stderr)

@@ -43,7 +43,7 @@ from node.protocol.messages import (
     StreamEnd,
     Usage,
 )
-from node.protocol.replay import InitReplayCache
+from node.protocol.replay import ReplayCache
 from node.protocol.requests import InferenceRequest, parse_request_plaintext
 
 RESPONSE_FINAL_AAD: Final = b"encrypted_response_final"
@@ -164,7 +164,7 @@ class ConnectionState:
         self,
         *,
         host_key: HostKey | None,
-        replay_cache: InitReplayCache,
+        replay_cache: ReplayCache,
         clock: Callable[[], float],
         config: ProtocolConfig | None = None,
         rng: Callable[[int], bytes] = os.urandom,

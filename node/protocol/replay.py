@@ -5,6 +5,15 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
+
+
+class ReplayCache(Protocol):
+    """What the state machine needs from an init replay cache."""
+
+    def has_room(self) -> bool: ...
+
+    def add(self, key: bytes) -> bool: ...
 
 
 class InitReplayCache:

@@ -12,7 +12,7 @@ from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend, GenerationResult
 from node.protocol.connection import ProtocolConfig, Session
-from node.protocol.replay import InitReplayCache
+from node.protocol.replay import ReplayCache
 from node.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class NodeContext:
     config: NodeConfig
     host_key: HostKey | None
     backend: Backend
-    replay_cache: InitReplayCache
+    replay_cache: ReplayCache
     metrics: NodeMetrics = attrs.field(factory=NodeMetrics)
     accounting: Accounting = attrs.field(factory=NoAccounting)
     clock: Callable[[], float] = trio.current_time

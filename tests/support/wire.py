@@ -22,7 +22,7 @@ from node.crypto import aead, seal_session_init
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend
 from node.inference.echo import EchoBackend
-from node.protocol.replay import InitReplayCache
+from node.protocol.replay import InitReplayCache, ReplayCache
 from node.server.app import NodeServer
 from node.server.context import Accounting, NoAccounting, NodeContext
 
@@ -36,14 +36,17 @@ async def running_node(
     backend: Backend | None = None,
     accounting: Accounting | None = None,
     config: NodeConfig | None = None,
+    replay_cache: ReplayCache | None = None,
 ) -> AsyncIterator[tuple[NodeContext, str]]:
     """A node on 127.0.0.1 (OS-chosen port) in this Trio run; yields (ctx, ws_url)."""
     cfg = config or NodeConfig(port=0)
+    if replay_cache is None:
+        replay_cache = InitReplayCache(window_s=cfg.replay_window_s, clock=trio.current_time)
     ctx = NodeContext(
         config=cfg,
         host_key=host_key,
         backend=backend or EchoBackend(),
-        replay_cache=InitReplayCache(window_s=cfg.replay_window_s, clock=trio.current_time),
+        replay_cache=replay_cache,
         accounting=accounting or NoAccounting(),
     )
     shutdown = trio.Event()
