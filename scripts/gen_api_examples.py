@@ -194,10 +194,14 @@ class NodeSide:
             )
         ]
 
-    def fail(self, error: InferenceError, completion_tokens: int) -> list[str]:
+    def fail(
+        self, error: InferenceError, completion_tokens: int, prompt_tokens: int = 0
+    ) -> list[str]:
+        """The driver's failure ending; ``prompt_tokens`` as the backend reported them
+        before it failed (0 when it failed before processing the prompt)."""
         wire = _wire_error(error)
         return self._sends(
-            self.state.fail(wire, prompt_tokens=0, completion_tokens=completion_tokens)
+            self.state.fail(wire, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         )
 
 
@@ -421,7 +425,9 @@ def build_examples() -> dict[str, str]:
     cancel = frames.stream_cancel_frame(session_id=SESSION_ID, reason="user pressed stop")
     first_piece = node.stream([Piece("one", 1)])
     expect(node.receive(cancel) == [] and node.cancelled)
-    cancelled = node.finish("cancelled", 0, 1)  # the driver: prompt tokens 0 when cancelled
+    # The driver: the prompt tokens the backend reported (4 words for echo), and the
+    # completion tokens delivered before the cancel.
+    cancelled = node.finish("cancelled", 4, 1)
     check_stream(session_key, "req-2", first_piece + cancelled, "one")
     out["stream-cancel"] = (
         json_block(cancel)
@@ -752,7 +758,7 @@ def _failure_frames(host: HostKey) -> list[str]:
     node.receive(client.init_frame())
     node.receive(client.message_frame(request_body("alpha beta gamma"), "req-9"))
     got, error = run_echo("alpha beta gamma", fail_after_pieces=1)
-    return node.stream(got) + node.fail(error, completion_tokens=1)
+    return node.stream(got) + node.fail(error, completion_tokens=1, prompt_tokens=3)
 
 
 def http_examples(host: HostKey) -> dict[str, str]:

@@ -102,6 +102,18 @@ class ModelInfo:
 Emit = Callable[[Piece], Awaitable[None]]
 
 
+def report_prompt_tokens(emit: Emit, count: int, *, estimated: bool = False) -> None:
+    """Tell the caller, as soon as it is known, how many prompt tokens a request uses.
+
+    A request that is cancelled or fails afterwards returns no result, yet its prompt was
+    processed: the caller (the node's driver) accounts it with this count. An ``emit``
+    that has no ``prompt_tokens_known`` method ignores the report.
+    """
+    hook = getattr(emit, "prompt_tokens_known", None)
+    if hook is not None:
+        hook(count, estimated)
+
+
 @runtime_checkable
 class Backend(Protocol):
     """An inference backend. See the module docstring for the contract."""

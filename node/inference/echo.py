@@ -10,6 +10,7 @@ from node.inference.base import (
     GenerationResult,
     ModelInfo,
     Piece,
+    report_prompt_tokens,
     resolve_max_tokens,
     validate_request,
 )
@@ -85,6 +86,7 @@ class EchoBackend:
             room = self._context_window - prompt_tokens
             if room < 1:
                 raise TokenLimitExceeded(prompt_tokens, self._context_window)
+        report_prompt_tokens(emit, prompt_tokens)
         limit = resolve_max_tokens(request.max_tokens, self._default_max_tokens, room)
 
         pieces = split_word_pieces(text)

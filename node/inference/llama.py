@@ -49,6 +49,7 @@ from node.inference.base import (
     GenerationResult,
     ModelInfo,
     Piece,
+    report_prompt_tokens,
     request_messages,
     resolve_max_tokens,
     validate_request,
@@ -218,6 +219,7 @@ class LlamaBackend:
         async with self._queue_slot():
             started = time.perf_counter()
             plan = await trio.to_thread.run_sync(self._plan_sync, request)
+            report_prompt_tokens(emit, len(plan.prompt_ids))
             stats = _RunStats()
             try:
                 await trio.to_thread.run_sync(self._run_sync, plan, emit, stats)

@@ -33,6 +33,7 @@ from node.inference.base import (
     GenerationResult,
     ModelInfo,
     Piece,
+    report_prompt_tokens,
     request_messages,
     validate_request,
 )
@@ -165,6 +166,8 @@ class OpenAIBackend:
         if request.seed is not None:
             body["seed"] = request.seed
         secrets = [m.content for m in messages]
+        # The exact count comes with the stream's usage; until then, an estimate.
+        report_prompt_tokens(emit, _estimate_prompt_tokens(secrets), estimated=True)
 
         started = time.perf_counter()
         first_at: float | None = None

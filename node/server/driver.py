@@ -18,7 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from node.crypto.errors import ErrorCode, NodeError
-from node.inference.base import ChatMessage, Emit, GenerationRequest, GenerationResult, Piece
+from node.inference.base import ChatMessage, GenerationRequest, GenerationResult, Piece
 from node.inference.errors import InferenceFailed, TokenLimitExceeded
 from node.protocol.connection import (
     Action,
@@ -104,21 +104,38 @@ def split_for_frames(text: str, tokens: int, budget: int) -> list[tuple[str, int
     return parts
 
 
-def _nonblocking_emit(channel: trio.MemorySendChannel[Piece]) -> Emit:
-    """The backend's ``emit``: queue without yielding while there is room.
+class BackendEmit:
+    """The backend's ``emit``: queue pieces for the chunk sender; note prompt tokens.
 
     A memory channel's ``send`` always passes through the scheduler; with room in the
-    buffer that costs a scheduler pass per piece for nothing. Only a full buffer (the
-    client reads slower than the model writes) makes the backend wait: back-pressure.
+    buffer that costs a scheduler pass per piece for nothing, so pieces are queued with
+    ``send_nowait`` and only a full buffer (the client reads slower than the model
+    writes) makes the backend wait: back-pressure. Backends report the prompt's token
+    count as soon as they know it (``report_prompt_tokens``), so a request that is
+    cancelled or fails later is still accounted for its prompt.
     """
 
-    async def emit(piece: Piece) -> None:
-        try:
-            channel.send_nowait(piece)
-        except trio.WouldBlock:
-            await channel.send(piece)
+    __slots__ = ("_channel", "prompt_estimated", "prompt_tokens")
 
-    return emit
+    def __init__(self, channel: trio.MemorySendChannel[Piece]) -> None:
+        self._channel = channel
+        self.prompt_tokens = 0
+        self.prompt_estimated = False
+
+    @property
+    def channel(self) -> trio.MemorySendChannel[Piece]:
+        """The bounded channel to the chunk sender (its statistics show the queue)."""
+        return self._channel
+
+    async def __call__(self, piece: Piece) -> None:
+        try:
+            self._channel.send_nowait(piece)
+        except trio.WouldBlock:
+            await self._channel.send(piece)
+
+    def prompt_tokens_known(self, count: int, estimated: bool = False) -> None:
+        self.prompt_tokens = max(0, int(count))
+        self.prompt_estimated = estimated
 
 
 def _wire_error(exc: NodeError) -> NodeError:
@@ -294,6 +311,7 @@ class ConnectionDriver:
         send_channel, receive_channel = trio.open_memory_channel[Piece](
             ctx.config.stream_queue_size
         )
+        emit = BackendEmit(send_channel)
         try:
             with scope:
                 async with trio.open_nursery() as inner:
@@ -301,8 +319,7 @@ class ConnectionDriver:
                     try:
                         async with send_channel:
                             result = await ctx.backend.generate(
-                                to_generation_request(action.request),
-                                _nonblocking_emit(send_channel),
+                                to_generation_request(action.request), emit
                             )
                     except NodeError as exc:
                         error = exc
@@ -315,18 +332,16 @@ class ConnectionDriver:
             self._request_scope = None
             active = state.active
             delivered = active.completion_tokens if active is not None else 0
-            if error is not None:
-                finish = "error"
-                prompt_tokens = 0
-            elif result is None:  # cancelled by stream_cancel or shutdown
-                finish = "cancelled"
-                prompt_tokens = 0
-            else:
+            if result is not None and error is None:
                 finish = result.finish_reason
                 prompt_tokens = result.prompt_tokens
-            usage = GenerationResult(
-                finish, prompt_tokens, delivered, result.usage_estimated if result else False
-            )
+                estimated = result.usage_estimated
+            else:  # failed, or cancelled by stream_cancel or shutdown: what the backend
+                # reported of the prompt before it stopped (0 if it never got that far)
+                finish = "error" if error is not None else "cancelled"
+                prompt_tokens = emit.prompt_tokens
+                estimated = emit.prompt_estimated
+            usage = GenerationResult(finish, prompt_tokens, delivered, estimated)
             accounted = True
             await ctx.accounting.request_finished(session, action.request_id, usage)
             ctx.metrics.requests[finish] += 1
@@ -334,7 +349,7 @@ class ConnectionDriver:
                 return  # the connection was closed underneath us
             if error is not None:
                 actions = state.fail(
-                    _wire_error(error), prompt_tokens=0, completion_tokens=delivered
+                    _wire_error(error), prompt_tokens=prompt_tokens, completion_tokens=delivered
                 )
                 await self._execute(actions)
             else:
@@ -353,7 +368,11 @@ class ConnectionDriver:
                 delivered = active.completion_tokens if active is not None else 0
                 with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
                     await ctx.accounting.request_finished(
-                        session, action.request_id, GenerationResult("cancelled", 0, delivered)
+                        session,
+                        action.request_id,
+                        GenerationResult(
+                            "cancelled", emit.prompt_tokens, delivered, emit.prompt_estimated
+                        ),
                     )
                 ctx.metrics.requests["cancelled"] += 1
 

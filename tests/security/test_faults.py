@@ -253,9 +253,8 @@ class FloodBackend:
 
 
 def _queue_behind(emit: Emit) -> trio.MemorySendChannel[Any]:
-    """The node's memory channel behind ``emit``: ``emit`` is the channel's bound ``send``
-    or a small function closing over the channel."""
-    candidates = [getattr(emit, "__self__", None)]
+    """The node's memory channel behind ``emit`` (the driver's BackendEmit exposes it)."""
+    candidates = [getattr(emit, "channel", None), getattr(emit, "__self__", None)]
     candidates += [cell.cell_contents for cell in getattr(emit, "__closure__", None) or ()]
     for candidate in candidates:
         if isinstance(candidate, trio.MemorySendChannel):
