@@ -10,6 +10,7 @@ coalesces whatever has queued up, seals it with the session key and writes one f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Final
@@ -33,6 +34,7 @@ from node.protocol.connection import (
 )
 from node.protocol.errors import (
     CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NORMAL,
     ProtocolError,
@@ -240,7 +242,36 @@ class ConnectionDriver:
                     return
 
     async def _on_frame(self, frame: str | bytes) -> bool:
-        """Handle one frame; False when the connection must end."""
+        """Handle one frame; False when the connection must end.
+
+        A bug in handling a frame (anything but a coded NodeError, which the protocol
+        core answers itself) ends this connection with ``INTERNAL_ERROR`` and close code
+        1011; the node and the other connections go on, and the keys are wiped as always.
+        """
+        try:
+            return await self._handle_frame(frame)
+        except (ConnectionClosed, trio.Cancelled):
+            raise
+        except Exception as exc:
+            log.error(
+                "frame handling failed",
+                extra={**self._log_extra, "error_type": type(exc).__name__},
+            )
+            self.end_reason = "error"
+            self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send_message(
+                    encode(
+                        ErrorMessage(
+                            ErrorCode.INTERNAL_ERROR.value,
+                            "the node failed to handle this frame; the connection is closed",
+                        )
+                    )
+                )
+            await self._close(CLOSE_INTERNAL_ERROR, "internal error")
+            return False
+
+    async def _handle_frame(self, frame: str | bytes) -> bool:
         state = self.state
         metrics = self.ctx.metrics
         if isinstance(frame, bytes):
