@@ -7,6 +7,8 @@ wipeable ``bytearray`` without an immutable copy, and each call costs about half
 
 from __future__ import annotations
 
+from typing import Any
+
 from nacl._sodium import ffi, lib  # PyNaCl's own cffi binding to libsodium
 
 from node.crypto.errors import DecryptionFailed, InvalidCiphertext, InvalidKeySize, InvalidNonceSize
@@ -20,11 +22,17 @@ _Key = SecretBytes | bytes | bytearray
 _Buf = bytes | bytearray | memoryview
 
 
-def _key_buffer(key: _Key) -> bytes | bytearray | memoryview:
-    raw: bytes | bytearray | memoryview = key.view() if isinstance(key, SecretBytes) else key
+def _key_buffer(key: _Key) -> Any:
+    """The key as a cffi argument; a SecretBytes' live bytearray is passed without a copy."""
+    raw: bytes | bytearray = key.live_buffer() if isinstance(key, SecretBytes) else key
     if len(raw) != KEY_SIZE:
         raise InvalidKeySize(f"AEAD key must be {KEY_SIZE} bytes")
-    return raw
+    return raw if type(raw) is bytes else ffi.from_buffer(raw)
+
+
+def _arg(data: _Buf) -> Any:
+    """cffi takes ``bytes`` for a ``const unsigned char *`` as it is; others need a view."""
+    return data if type(data) is bytes else ffi.from_buffer(data)
 
 
 def _check_nonce(nonce: _Buf) -> None:
@@ -37,21 +45,21 @@ def seal(key: _Key, nonce: _Buf, plaintext: _Buf, aad: _Buf = b"") -> bytes:
     k = _key_buffer(key)
     _check_nonce(nonce)
     mlen = len(plaintext)
-    out = ffi.new("unsigned char[]", mlen + TAG_SIZE)
+    out = bytearray(mlen + TAG_SIZE)
     rc = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        out,
+        ffi.from_buffer(out),
         ffi.NULL,
-        ffi.from_buffer(plaintext),
+        _arg(plaintext),
         mlen,
-        ffi.from_buffer(aad),
+        _arg(aad),
         len(aad),
         ffi.NULL,
-        ffi.from_buffer(nonce),
-        ffi.from_buffer(k),
+        _arg(nonce),
+        k,
     )
     if rc != 0:  # pragma: no cover - libsodium encrypt cannot fail for valid sizes
         raise InvalidKeySize("encryption failed")
-    return ffi.buffer(out, mlen + TAG_SIZE)[:]  # type: ignore[no-any-return]
+    return bytes(out)
 
 
 def _open_into(key: _Key, nonce: _Buf, ciphertext: _Buf, aad: _Buf) -> bytearray:
@@ -65,12 +73,12 @@ def _open_into(key: _Key, nonce: _Buf, ciphertext: _Buf, aad: _Buf) -> bytearray
         ffi.from_buffer(out, require_writable=True) if out else ffi.NULL,
         ffi.NULL,
         ffi.NULL,
-        ffi.from_buffer(ciphertext),
+        _arg(ciphertext),
         clen,
-        ffi.from_buffer(aad),
+        _arg(aad),
         len(aad),
-        ffi.from_buffer(nonce),
-        ffi.from_buffer(k),
+        _arg(nonce),
+        k,
     )
     if rc != 0:
         raise DecryptionFailed("decryption failed: wrong key, nonce, AAD or tampered data")

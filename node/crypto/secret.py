@@ -75,6 +75,13 @@ class SecretBytes:
             raise ValueError("secret was wiped")
         return memoryview(self._buf).toreadonly()
 
+    def live_buffer(self) -> bytearray:
+        """The live buffer, for the crypto core to hand to C without a copy. Not for
+        anything that could keep, print or send it."""
+        if self._wiped:
+            raise ValueError("secret was wiped")
+        return self._buf
+
     def is_all_zero(self) -> bool:
         """True when every byte of the buffer is zero (used by tests after a wipe)."""
         return not any(self._buf)

@@ -292,14 +292,31 @@ def _ids_text(request_id: RequestId | None, session_id: str | None) -> str:
     return out
 
 
+def encrypted_chunk_text(
+    tokens: int,
+    ciphertext: bytes,
+    nonce: bytes,
+    aad: bytes,
+    index: int | None,
+    request_id: RequestId | None,
+    session_id: str | None,
+    final: bool = False,
+) -> str:
+    """The exact text ``encode(EncryptedChunk(...))`` gives, without building the objects
+    (the per-piece hot path of the chunk sender)."""
+    index_text = "" if index is None else f',"index":{index:d}'
+    final_text = ',"final":true' if final else ""
+    return (
+        f'{{"type":"encrypted_chunk","tokens":{tokens:d},"payload":{{"ciphertextHex":"'
+        f'{ciphertext.hex()}","nonceHex":"{nonce.hex()}","aadHex":"{aad.hex()}"'
+        f"{index_text}}}{_ids_text(request_id, session_id)}{final_text}}}"
+    )
+
+
 def _encode_encrypted_chunk(m: EncryptedChunk) -> str:
     p = m.payload
-    index = "" if p.index is None else f',"index":{p.index:d}'
-    final = ',"final":true' if m.final else ""
-    return (
-        f'{{"type":"encrypted_chunk","tokens":{m.tokens:d},"payload":{{"ciphertextHex":"'
-        f'{p.ciphertext.hex()}","nonceHex":"{p.nonce.hex()}","aadHex":"{p.aad.hex()}"'
-        f"{index}}}{_ids_text(m.id, m.session_id)}{final}}}"
+    return encrypted_chunk_text(
+        m.tokens, p.ciphertext, p.nonce, p.aad, p.index, m.id, m.session_id, m.final
     )
 
 

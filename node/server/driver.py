@@ -429,23 +429,29 @@ class ConnectionDriver:
                         return
                 except trio.EndOfChannel:
                     return
-                text, tokens = piece.text, piece.tokens
-                while coalesce:
+                # Everything queued now leaves the channel at once, so a producer blocked
+                # on a full channel wakes once per batch rather than once per frame.
+                batch = [piece]
+                while True:
                     try:
-                        more = receive_channel.receive_nowait()
+                        batch.append(receive_channel.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    text += more.text
-                    tokens += more.tokens
-                for part, part_tokens in split_for_frames(text, tokens, self._text_budget):
-                    frame = state.piece(part, part_tokens)
-                    try:
-                        await self.ws.send_message(encode(frame))
-                    except ConnectionClosed:
-                        scope.cancel()  # nobody is listening: stop the model
-                        return
-                    metrics.chunks += 1
-                    metrics.tokens += part_tokens
+                if coalesce:
+                    text = "".join(p.text for p in batch)
+                    batch = [Piece(text, sum(p.tokens for p in batch))]
+                for queued in batch:
+                    for part, part_tokens in split_for_frames(
+                        queued.text, queued.tokens, self._text_budget
+                    ):
+                        frame = state.piece_text(part, part_tokens)
+                        try:
+                            await self.ws.send_message(frame)
+                        except ConnectionClosed:
+                            scope.cancel()  # nobody is listening: stop the model
+                            return
+                        metrics.chunks += 1
+                        metrics.tokens += part_tokens
 
     # ------------------------------------------------------------- output
 

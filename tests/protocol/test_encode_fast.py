@@ -59,3 +59,40 @@ def test_stream_chunk_fast_path_matches(
     text = encode(frame)
     assert text == encode_generic(frame)
     assert text.isascii()
+
+
+@given(
+    pieces=st.lists(st.tuples(st.text(max_size=30), st.integers(0, 5)), min_size=1, max_size=8),
+    encrypted=st.booleans(),
+    request_id=ids,
+)
+def test_piece_text_is_the_encoded_piece(
+    pieces: list[tuple[str, int]], encrypted: bool, request_id: str | int | None
+) -> None:
+    """The sender's hot path writes exactly the frames piece() + encode() would."""
+    import random
+
+    from node.crypto.secret import SecretBytes
+    from node.protocol.connection import ActiveRequest, ConnectionState, Session
+    from node.protocol.replay import InitReplayCache
+
+    def machine() -> ConnectionState:
+        rng = random.Random(7)
+        state = ConnectionState(
+            host_key=None,
+            replay_cache=InitReplayCache(window_s=1, clock=lambda: 0.0),
+            clock=lambda: 0.0,
+            rng=rng.randbytes,
+        )
+        key = SecretBytes(bytes(range(32))) if encrypted else None
+        session = Session("9", 9, 84532, encrypted, 0.0, key=key)
+        state.active = ActiveRequest(session, request_id)
+        return state
+
+    slow, fast = machine(), machine()
+    for text, tokens in pieces:
+        assert fast.piece_text(text, tokens) == encode(slow.piece(text, tokens))
+    assert fast.active is not None
+    assert slow.active is not None
+    assert fast.active.completion_tokens == slow.active.completion_tokens
+    assert fast.active.next_chunk == slow.active.next_chunk
