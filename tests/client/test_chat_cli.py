@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +21,10 @@ import pytest
 from node.crypto import HostKey
 from node.crypto.curve import address_of
 from tests.conftest import REPO_ROOT
+from tests.support.nodeproc import echo_node_process
 
 STARTUP_S = 60.0
 RUN_S = 60.0
-LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 CLIENT_KEY_HEX = "0x" + "c1" * 32
 
 
@@ -51,72 +47,20 @@ def node_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProce
     host_key = HostKey.generate()
     env = _client_env()
     env["HOST_PRIVATE_KEY"] = host_key.private_key_hex()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "serve",
-            "--backend",
-            "echo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--ledger",
-            str(tmp / "l.sqlite3"),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
     try:
-        port = None
-        while port is None:
-            line = lines.get(timeout=STARTUP_S)
-            if line is None:
-                pytest.fail("the node exited during start-up:\n" + "".join(log))
-            match = LISTENING.search(line)
-            if match:
-                port = int(match.group(1))
-        url = f"http://127.0.0.1:{port}"
-        for attempt in range(3):
-            try:
-                health = httpx.get(url + "/v1/health", timeout=10)
-            except httpx.TransportError:
-                if attempt == 2:
-                    raise
-                continue
-            assert health.status_code == 200
-            assert health.json()["encryption"] is True
-            break
-        yield NodeProcess(url, host_key, log)
+        with echo_node_process(tmp / "l.sqlite3", env, startup_s=STARTUP_S) as (url, log):
+            for attempt in range(3):
+                try:
+                    health = httpx.get(url + "/v1/health", timeout=10)
+                except httpx.TransportError:
+                    if attempt == 2:
+                        raise
+                    continue
+                assert health.status_code == 200
+                assert health.json()["encryption"] is True
+                break
+            yield NodeProcess(url, host_key, log)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # pragma: no cover - only if shutdown hangs
-            proc.kill()
-            proc.wait(timeout=30)
-        reader.join(timeout=30)
-        assert proc.stderr is not None
-        proc.stderr.close()
         host_key.wipe()
 
 

@@ -11,14 +11,10 @@ bounded by a timeout.
 from __future__ import annotations
 
 import os
-import queue
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +22,6 @@ import attrs
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT
 from tests.docs._markdown import (
     DOCS,
     Example,
@@ -35,10 +30,10 @@ from tests.docs._markdown import (
     output_matches,
     runnable_examples,
 )
+from tests.support.nodeproc import echo_node_process
 
 STARTUP_S = 60.0
 EXAMPLE_S = 60.0
-LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 # The example host key of docs/API.md, so outputs that show the host key are the same as
 # the generated ones.
 DOCS_HOST_KEY: str = load_generator().HOST_KEY_HEX
@@ -66,64 +61,10 @@ def doc_node(tmp_path: Path) -> Iterator[DocNode]:
     data_dir.mkdir()
     env = _clean_env()
     env["HOST_PRIVATE_KEY"] = DOCS_HOST_KEY
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "serve",
-            "--backend",
-            "echo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--ledger",
-            str(data_dir / "ledger.sqlite3"),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        port = None
-        while port is None:
-            line = lines.get(timeout=STARTUP_S)
-            if line is None:
-                pytest.fail("the node exited during start-up:\n" + "".join(log))
-            match = LISTENING.search(line)
-            if match:
-                port = int(match.group(1))
-        url = f"http://127.0.0.1:{port}"
+    with echo_node_process(data_dir / "ledger.sqlite3", env, startup_s=STARTUP_S) as (url, log):
         health = httpx.get(url + "/v1/health", timeout=10)
         assert health.status_code == 200
         yield DocNode(url, data_dir, log)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # pragma: no cover - only if shutdown hangs
-            proc.kill()
-            proc.wait(timeout=30)
-        reader.join(timeout=30)
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 def run_example(example: Example, node: DocNode, workdir: Path) -> subprocess.CompletedProcess[str]:
