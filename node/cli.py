@@ -15,6 +15,7 @@ from node.config import NodeConfig
 from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import ENV_VAR, HostKey
 from node.inference.factory import parse_model_map
+from node.proxy.cli import add_proxy_command
 from node.settlement.cli import add_receipts_command
 
 
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
     add_chat_command(sub)
+    add_proxy_command(sub)
     add_receipts_command(sub)
     return parser
 

@@ -15,7 +15,7 @@ import collections
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final, Self
 
@@ -125,6 +125,13 @@ def _decimal_text(value: int | str, name: str) -> str:
     if isinstance(value, bool) or not text.isascii() or not text.isdigit() or len(text) > 78:
         raise ValueError(f"{name} must be a non-negative decimal number")
     return str(int(text))
+
+
+def _checked_text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string")
+    value.encode("utf-8")  # refuse lone surrogates here, not on the wire
+    return value
 
 
 def random_client_key(rng: Callable[[int], bytes] = os.urandom) -> PrivateKey:
@@ -327,24 +334,42 @@ class ClientSession:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | None,
         *,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         temperature: float | None = DEFAULT_TEMPERATURE,
         model: str | None = None,
+        messages: Sequence[tuple[str, str]] | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
     ) -> ResponseStream:
-        """The answer to ``prompt`` as an async iterator of text pieces."""
-        if not isinstance(prompt, str):
-            raise TypeError("prompt must be a string")
-        prompt.encode("utf-8")  # refuse lone surrogates here, not on the wire
-        request: dict[str, Any] = {
-            "prompt": prompt,
-            "model": self.model if model is None else model,
-        }
+        """The answer to ``prompt`` as an async iterator of text pieces.
+
+        ``messages`` ((role, content) pairs) replaces ``prompt`` (pass None) for chat
+        models; it, ``stop`` and ``seed`` need an encrypted session (the plaintext
+        ``prompt`` frame has no such fields).
+        """
+        if not self.encrypted and (messages is not None or stop or seed is not None):
+            raise ValueError("messages, stop and seed need an encrypted session")
+        request: dict[str, Any] = {}
+        if messages is not None:
+            if prompt is not None:
+                raise TypeError("give a prompt or messages, not both")
+            request["messages"] = [
+                {"role": _checked_text(role, "role"), "content": _checked_text(text, "content")}
+                for role, text in messages
+            ]
+        else:
+            request["prompt"] = _checked_text(prompt, "prompt")
+        request["model"] = self.model if model is None else model
         if max_tokens is not None:
             request["max_tokens"] = max_tokens
         if temperature is not None:
             request["temperature"] = temperature
+        if stop:
+            request["stop"] = [_checked_text(s, "stop") for s in stop]
+        if seed is not None:
+            request["seed"] = seed
         request["stream"] = True
         return ResponseStream(self, request)
 

@@ -93,11 +93,12 @@ def new_connection() -> h11.Connection:
 
 
 async def read_request(
-    stream: trio.abc.Stream, conn: h11.Connection
+    stream: trio.abc.Stream, conn: h11.Connection, *, max_body_bytes: int = MAX_BODY_BYTES
 ) -> tuple[HttpRequest, bytes] | None:
     """Read one request. Returns (request, raw bytes read) or None if the peer left.
 
-    Raises :class:`HttpError` for malformed or oversized requests.
+    Raises :class:`HttpError` for malformed or oversized requests (a body over
+    ``max_body_bytes`` gets 413).
     """
     raw = bytearray()
     request: h11.Request | None = None
@@ -123,12 +124,12 @@ async def read_request(
                     # The handshake belongs to trio-websocket: stop at the head.
                     break
                 length = int(headers.get("content-length", "0") or 0)
-                if length > MAX_BODY_BYTES:
+                if length > max_body_bytes:
                     raise HttpError(HttpResponse.error(413, "request body too large"))
                 continue
             if isinstance(event, h11.Data):
                 body += event.data
-                if len(body) > MAX_BODY_BYTES:
+                if len(body) > max_body_bytes:
                     raise HttpError(HttpResponse.error(413, "request body too large"))
                 continue
             if isinstance(event, h11.EndOfMessage):

@@ -1,0 +1,390 @@
+"""The proxy's side of the node: a pool of encrypted sessions, built on node.client.
+
+This is the only module of the proxy that knows how the node is spoken to. The HTTP side
+sees :class:`NodeLink`: ``async with link.request(req) as answer`` yields an
+:class:`Answer` to iterate for text pieces; leaving the block before the answer ended
+cancels the request on the node (a ``stream_cancel`` goes out at once) and reads the
+node's last frames before the session goes back to the pool.
+
+Sessions: one WebSocket connection per session, one request at a time on each (the
+protocol allows no more). At most ``max_concurrency`` run at once; further requests
+wait in a FIFO queue (``max_queue`` of them; more get :class:`QueueFull`). Idle sessions
+are kept per model and reused; an idle one older than ``idle_ttl_s`` is closed instead
+(the node closes idle connections after its own timeout). Which protocol is spoken
+(``v1`` today) is the link's ``protocol`` attribute, chosen by :func:`choose_protocol`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final, Protocol, Self
+
+import attrs
+import httpx
+import trio
+from coincurve import PrivateKey
+
+from node.client import (
+    ClientError,
+    ClientSession,
+    ConnectFailed,
+    HostIdentity,
+    NodeErrorResponse,
+    ResponseStream,
+    discover_host_key,
+    http_base_url,
+    open_session,
+    random_client_key,
+)
+from node.crypto.curve import address_of
+from node.proxy.openai_api import ProxyRequest
+
+log = logging.getLogger("node.proxy")
+
+# Protocols this build of node.client can speak, best first.
+CLIENT_PROTOCOLS: Final = ("v1",)
+PROTOCOL_CHOICES: Final = ("auto", "v2", "v1")
+DEFAULT_IDLE_TTL_S: Final = 60.0
+CANCEL_SETTLE_S: Final = 5.0
+DEFAULT_MAX_QUEUE: Final = 256
+
+
+class ProtocolUnavailable(Exception):
+    """The protocol asked for cannot be used with this node (or this build)."""
+
+
+class QueueFull(Exception):
+    """More requests are waiting for a session than the queue holds."""
+
+
+def choose_protocol(requested: str, node_offers: tuple[str, ...], *, allow_v1: bool) -> str:
+    """The protocol to speak: ``v2`` when both sides have it; ``v1`` only when allowed.
+
+    ``requested`` is ``auto``, ``v2`` or ``v1``; ``--protocol v1`` counts as allowing v1.
+    Raises :class:`ProtocolUnavailable` with a message for the user otherwise.
+    """
+    if requested not in PROTOCOL_CHOICES:
+        raise ProtocolUnavailable(f"unknown protocol {requested!r}; choose auto, v2 or v1")
+    both = [p for p in CLIENT_PROTOCOLS if p in node_offers]
+    if requested == "v1":
+        if "v1" not in node_offers:
+            raise ProtocolUnavailable("the node does not offer protocol v1")
+        return "v1"
+    if "v2" in both:
+        return "v2"
+    if requested == "v2":
+        why = "the node does not offer it" if "v2" not in node_offers else "this build lacks it"
+        raise ProtocolUnavailable(f"protocol v2 is not available: {why}")
+    if "v1" in both and allow_v1:
+        return "v1"
+    if "v1" in both:
+        raise ProtocolUnavailable(
+            "protocol v2 is not available with this node; pass --allow-v1 to use the older "
+            "v1 protocol (its encrypted frames carry session and request ids in plaintext)"
+        )
+    raise ProtocolUnavailable("the node offers no protocol this proxy speaks")
+
+
+async def node_protocols(url: str, *, timeout_s: float = 10.0) -> tuple[str, ...]:
+    """What ``/v1/version`` lists under ``protocols`` (a node without the field: v1)."""
+    base = http_base_url(url)
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            response = await client.get(base + "/v1/version")
+    except httpx.HTTPError as exc:
+        raise ConnectFailed(f"cannot reach {base}/v1/version: {type(exc).__name__}") from None
+    if response.status_code != 200:
+        raise ConnectFailed(f"GET {base}/v1/version answered HTTP {response.status_code}")
+    try:
+        body = response.json()
+    except ValueError:
+        raise ConnectFailed(f"GET {base}/v1/version did not answer with JSON") from None
+    offered = body.get("protocols") if isinstance(body, dict) else None
+    if not isinstance(offered, list):
+        return ("v1",)
+    return tuple(p for p in offered if isinstance(p, str))
+
+
+@attrs.frozen
+class NodeModel:
+    id: str
+    owned_by: str
+
+
+class Answer(Protocol):
+    """One answer: iterate for text pieces; then ``finish_reason`` and ``usage`` are set."""
+
+    finish_reason: str | None
+    usage: dict[str, int] | None
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def __anext__(self) -> str: ...
+
+
+class NodeLink(Protocol):
+    """What the HTTP side of the proxy needs from the node."""
+
+    url: str
+    protocol: str
+    host: HostIdentity
+
+    async def models(self) -> list[NodeModel]: ...
+
+    def request(self, request: ProxyRequest) -> contextlib.AbstractAsyncContextManager[Answer]: ...
+
+
+class _Answer:
+    def __init__(self, response: ResponseStream) -> None:
+        self.response = response
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.began = False
+        self.error: ClientError | None = None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str:
+        self.began = True
+        try:
+            return await self.response.__anext__()
+        except StopAsyncIteration:
+            self._finish()
+            raise
+        except ClientError as exc:
+            self.error = exc
+            raise
+
+    def _finish(self) -> None:
+        completion = self.response.completion
+        assert completion is not None
+        self.finish_reason = completion.finish_reason
+        usage = completion.usage_dict()
+        if usage is None:  # pragma: no cover - the node always reports usage
+            tokens = completion.tokens_used
+            usage = {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}
+        self.usage = usage
+
+
+@attrs.define(eq=False)
+class _Lease:
+    session: ClientSession
+    model: str
+    closing: trio.Event = attrs.field(factory=trio.Event)
+    idle_since: float = 0.0
+
+
+class SessionPool:
+    """A :class:`NodeLink` over a pool of node.client sessions. Make with :meth:`open`."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        url: str,
+        protocol: str,
+        host: HostIdentity,
+        client_key: PrivateKey,
+        max_concurrency: int,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
+        rng: Callable[[int], bytes] = os.urandom,
+        session_options: dict[str, Any] | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self._nursery = nursery
+        self.url = url
+        self.protocol = protocol
+        self.host = host
+        self._client_key = client_key
+        self._slots = trio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.waiting = 0
+        self._idle: defaultdict[str, list[_Lease]] = defaultdict(list)
+        self._live: set[_Lease] = set()
+        self._idle_ttl_s = idle_ttl_s
+        self._rng = rng
+        self._session_options = session_options or {}
+        self.sessions_opened = 0
+        self._returned = trio.Event()
+
+    @property
+    def client_address(self) -> str:
+        return address_of(self._client_key.public_key)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        url: str,
+        *,
+        protocol: str = "auto",
+        allow_v1: bool = False,
+        expected_host_address: str | None = None,
+        client_key: PrivateKey | None = None,
+        max_concurrency: int = 4,
+        **kwargs: Any,
+    ) -> AsyncIterator[Self]:
+        """Check the node (host key by challenge, the pin, protocols) and start the pool.
+
+        Raises :class:`ClientError` subclasses when the node cannot be used and
+        :class:`ProtocolUnavailable` when no allowed protocol is shared.
+        """
+        host = await discover_host_key(url, expected_address=expected_host_address)
+        chosen = choose_protocol(protocol, await node_protocols(url), allow_v1=allow_v1)
+        key = client_key if client_key is not None else random_client_key()
+        async with trio.open_nursery() as nursery:
+            pool = cls(
+                nursery,
+                url=url,
+                protocol=chosen,
+                host=host,
+                client_key=key,
+                max_concurrency=max_concurrency,
+                **kwargs,
+            )
+            try:
+                yield pool
+            finally:
+                pool.close()
+
+    def close(self) -> None:
+        for lease in list(self._live):
+            lease.closing.set()
+        self._idle.clear()
+
+    @property
+    def idle_sessions(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    async def models(self) -> list[NodeModel]:
+        base = http_base_url(self.url)
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                response = await client.get(base + "/v1/models")
+        except httpx.HTTPError as exc:
+            raise ConnectFailed(f"cannot reach {base}/v1/models: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise ConnectFailed(f"GET {base}/v1/models answered HTTP {response.status_code}")
+        try:
+            data = response.json().get("data")
+        except (ValueError, AttributeError):
+            data = None
+        if not isinstance(data, list):
+            raise ConnectFailed("/v1/models did not answer with a model list")
+        models = []
+        for m in data:
+            if isinstance(m, dict) and isinstance(m.get("id"), str):
+                owner = m.get("owned_by")
+                models.append(NodeModel(m["id"], owner if isinstance(owner, str) else "node"))
+        return models
+
+    # ------------------------------------------------------------ requests
+
+    @asynccontextmanager
+    async def request(self, request: ProxyRequest) -> AsyncIterator[Answer]:
+        if self.waiting >= self.max_queue and self._slots.value == 0:
+            raise QueueFull(f"{self.waiting} requests are already waiting for the node")
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            lease = await self._take(request.model)
+            response = lease.session.stream(
+                request.prompt,
+                messages=request.messages,
+                model=request.model,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                stop=request.stop,
+                seed=request.seed,
+            )
+            answer = _Answer(response)
+            try:
+                yield answer
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._give_back(lease, answer)
+        finally:
+            self._slots.release()
+
+    async def _take(self, model: str) -> _Lease:
+        idle = self._idle.get(model)
+        now = trio.current_time()
+        while idle:
+            lease = idle.pop()
+            if lease.session.closed or now - lease.idle_since > self._idle_ttl_s:
+                lease.closing.set()
+                continue
+            return lease
+        lease_or_error: _Lease = await self._nursery.start(self._run_session, model)
+        return lease_or_error
+
+    async def _run_session(
+        self, model: str, *, task_status: trio.TaskStatus[_Lease] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        job_id = str(int.from_bytes(self._rng(6), "big") + 1)
+        started = False
+        try:
+            async with open_session(
+                self.url,
+                model=model,
+                job_id=job_id,
+                host_public_key=self.host.public_key,
+                client_key=self._client_key,
+                rng=self._rng,
+                **self._session_options,
+            ) as session:
+                lease = _Lease(session, model)
+                self._live.add(lease)
+                self.sessions_opened += 1
+                try:
+                    task_status.started(lease)
+                    started = True
+                    await lease.closing.wait()
+                finally:
+                    self._live.discard(lease)
+        except Exception as exc:
+            # Before ``started`` this reaches the request (nursery.start raises it);
+            # after it, the request that used the session already saw why it broke.
+            if not started:
+                raise
+            log.debug("a pooled session ended", extra={"error_type": type(exc).__name__})
+
+    async def _give_back(self, lease: _Lease, answer: _Answer) -> None:
+        """Return the session to the pool, or close it when it cannot be trusted."""
+        session = lease.session
+        response = answer.response
+        reusable = not session.closed
+        if answer.error is not None:
+            # A refused request (an error frame) leaves the session usable; anything
+            # else the client raised has already broken it.
+            reusable = reusable and isinstance(answer.error, NodeErrorResponse)
+        elif answer.began and not response.started:
+            reusable = False  # interrupted while the request was being sent
+        elif response.started and not response.done and reusable:
+            with trio.move_on_after(CANCEL_SETTLE_S), contextlib.suppress(ClientError):
+                await response.aclose()  # sends stream_cancel, reads to the end
+            reusable = response.done and not session.closed
+        if not reusable:
+            lease.closing.set()
+            return
+        lease.idle_since = trio.current_time()
+        self._idle[lease.model].append(lease)
+        self._returned.set()
+        self._returned = trio.Event()
+
+    async def wait_idle(self, count: int) -> None:
+        """Wait until ``count`` sessions are idle in the pool (tests, shutdown)."""
+        while self.idle_sessions < count:
+            await self._returned.wait()
