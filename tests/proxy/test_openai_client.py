@@ -9,7 +9,6 @@ import openai
 import pytest
 import trio
 
-from node.config import NodeConfig
 from node.proxy.server import ProxyConfig
 from tests.proxy.conftest import BUSY_PROMPT, MISSING_MODEL, ProxyTestBackend, proxy_stack
 
@@ -448,7 +447,3 @@ async def test_a_fully_idle_pool_session_is_replaced_after_its_ttl() -> None:
             await stack.call(lambda: client.chat.completions.create(**ask))  # type: ignore[call-overload]
             opened = stack.pool.sessions_opened
     assert opened == 2
-
-
-def test_default_node_config_is_used() -> None:
-    assert NodeConfig(port=0).host == "127.0.0.1"
