@@ -667,6 +667,8 @@ async def choose_protocol(
     if protocol == "v2" and not encrypted:
         raise ValueError("protocol v2 is always end-to-end encrypted; plaintext needs v1")
     if protocol != "auto":
+        if websocket is None:
+            await _check_offered(url, protocol, timeout_s)
         return protocol
     if not encrypted:
         return "v1"
@@ -689,6 +691,24 @@ async def choose_protocol(
         "secrecy, no authenticated end of answer); pin protocol v2 to refuse this"
     )
     return "v1"
+
+
+async def _check_offered(url: str, protocol: str, timeout_s: float) -> None:
+    """A pinned protocol the node's ``/v1/version`` does not list is refused here, before
+    any WebSocket (a node that cannot be asked is tried anyway: the upgrade decides)."""
+    try:
+        offered = await fetch_protocols(url, timeout_s=timeout_s)
+    except ConnectFailed:
+        return
+    if protocol in offered:
+        return
+    served = ", ".join(offered) or "none"
+    if protocol == "v2":
+        raise DowngradeRefused(
+            f"the node does not offer protocol v2 (it serves: {served}); this session is "
+            "pinned to v2 and does not fall back to v1"
+        )
+    raise ConnectFailed(f"the node does not serve protocol {protocol} (it serves: {served})")
 
 
 @asynccontextmanager

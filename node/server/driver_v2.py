@@ -201,6 +201,8 @@ class ConnectionDriverV2(StreamingDriver):
                     self.end_reason = "error" if action.code != CLOSE_NORMAL else "closed"
                 if action.code == CLOSE_POLICY_VIOLATION and "authentication" in action.reason:
                     metrics.v2_auth_failures += 1
+                elif not self.established and self.end_reason != "handshake_timeout":
+                    metrics.v2_handshakes["refused"] += 1
                 await self._close(action.code, action.reason)
                 return False
         return True
