@@ -102,11 +102,14 @@ class RawV2:
                 try:
                     frame = await self.ws.get_message()
                 except ConnectionClosed as exc:
-                    assert exc.reason is not None
-                    return exc.reason.code, frames
+                    reason = exc.reason
+                    break
                 assert isinstance(frame, bytes)
                 frames.append(frame)
-        raise AssertionError("the node never closed the connection")
+            else:
+                raise AssertionError("the node never closed the connection")
+        assert reason is not None
+        return reason.code, frames
 
 
 @asynccontextmanager

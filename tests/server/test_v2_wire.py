@@ -199,7 +199,7 @@ async def test_signature_for_another_handshake_is_refused(node: RunningNode) -> 
     assert not node.accounting.started
     await node.wait_no_connections()
     m = metrics(node)
-    assert "llm_node_noise_handshakes_total{result=\"accepted\"}" not in m
+    assert 'llm_node_noise_handshakes_total{result="accepted"}' not in m
     assert m['llm_node_noise_handshakes_total{result="refused"}'] == 1
     assert all_zero(node)
 
