@@ -20,18 +20,19 @@ async def test_v2_session_with_the_embedded_model(llama_backend: LlamaBackend) -
     backend = RecordingBackend(llama_backend)
     model = llama_backend.models()[0].id
     with trio.fail_after(120):
-        async with running_node(host_key=host, backend=backend) as (ctx, ws_url):
-            async with open_session(
+        async with (
+            running_node(host_key=host, backend=backend) as (ctx, ws_url),
+            open_session(
                 ws_url.replace("/v1/ws", "/v2/ws"),
                 model=model,
                 job_id=5,
                 host_public_key=host.public_key,
                 protocol="v2",
-            ) as session:
-                assert session.protocol == "v2"
-                pieces = [p async for p in session.stream(PROMPT, max_tokens=16, temperature=0.0)]
-                completion = session.stream(PROMPT, max_tokens=16, temperature=0.0)
-                again = await completion.collect()
+            ) as session,
+        ):
+            assert session.protocol == "v2"
+            pieces = [p async for p in session.stream(PROMPT, max_tokens=16, temperature=0.0)]
+            again = await session.stream(PROMPT, max_tokens=16, temperature=0.0).collect()
     text = "".join(pieces)
     assert text.strip()
     assert again.text == text  # greedy: the same answer twice, whole both times
