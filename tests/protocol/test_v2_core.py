@@ -9,7 +9,7 @@ import pytest
 from coincurve import PrivateKey
 
 from node.crypto.curve import HALF_N, SECP256K1_N, address_of
-from node.crypto.errors import ErrorCode
+from node.crypto.errors import DecryptionFailed, ErrorCode
 from node.crypto.hostkey import HostKey
 from node.crypto.noise import SECP256K1, HandshakeState
 from node.protocol.connection import (
@@ -813,3 +813,44 @@ def test_json_constants_and_closed_connections() -> None:
     server.close()
     with pytest.raises(RuntimeError, match="closed"):
         server._data({"type": "pong"})
+
+
+def test_forward_secrecy_a_later_host_key_opens_v1_but_not_v2() -> None:
+    """Record a v1 init and a v2 session; give the attacker the host private key."""
+    from node.crypto.session_init import open_session_init, parse_init_payload, seal_session_init
+
+    host = HostKey.generate()
+    wallet = PrivateKey()
+    # v1: the recorded init opens with the host key alone, and with it the session key
+    v1_key = bytes(range(32))
+    recorded_v1 = seal_session_init(
+        host.public_key, wallet, v1_key, job_id=1, model_name="m", price_per_token=0
+    )
+    opened = open_session_init(host, parse_init_payload(recorded_v1))
+    assert opened.session_key.reveal() == v1_key
+    # v2: record the whole session
+    server = ServerConnectionV2(host_key=host, clock=Clock())
+    client = ClientConnectionV2(host.public_key)
+    msg1 = client.start()
+    msg2 = _only_send(server.receive(msg1))
+    client.receive(msg2)
+    recorded = [client.session(TERMS, wallet)]
+    recorded.append(_only_send(server.receive(recorded[0])))  # session_ack, node -> client
+    client.receive(recorded[1])
+    recorded.append(client.request("r1", prompt="secret prompt"))
+    server.receive(recorded[2])
+    # the attacker, holding the host key, can play the node's side of message 1 ...
+    attacker = HandshakeState(
+        "NK", initiator=False, dh=SECP256K1, prologue=r.PROLOGUE, s=host.noise_keypair()
+    )
+    assert bytes(attacker.read_message(msg1)) == b"{}"  # payload1 is not forward secret
+    # ... but message 2 needs the node's ephemeral key, long erased, so the transport
+    # keys it can derive are not the session's: no recorded record opens.
+    attacker.write_message(b"")
+    their_send, their_recv = attacker.transport()
+    for frame, cipher in zip(recorded, (their_recv, their_send, their_recv), strict=True):
+        with pytest.raises(DecryptionFailed):
+            cipher.decrypt(frame)
+    assert server.keys_held == 1
+    server.close()
+    assert server.keys_held == 0
