@@ -143,11 +143,12 @@ def hkdf2(
     chaining_key: SecretBytes, ikm: bytes | bytearray | memoryview
 ) -> tuple[SecretBytes, SecretBytes]:
     """Noise ``HKDF(ck, ikm, 2)`` with HMAC-SHA256 (= RFC 5869, salt ck, empty info)."""
-    temp = SecretBytes.take(bytearray(hmac.digest(chaining_key.live_buffer(), ikm, "sha256")))
-    with temp:
-        out1 = bytearray(hmac.digest(temp.live_buffer(), b"\x01", "sha256"))
-        with SecretBytes.take(out1 + b"\x02") as block:
-            out2 = bytearray(hmac.digest(temp.live_buffer(), block.live_buffer(), "sha256"))
+    temp = bytearray(hmac.digest(chaining_key.live_buffer(), ikm, "sha256"))
+    out1 = bytearray(hmac.digest(temp, b"\x01", "sha256"))
+    mac = hmac.new(temp, out1, "sha256")
+    mac.update(b"\x02")
+    out2 = bytearray(mac.digest())
+    temp[:] = bytes(HASHLEN)
     return SecretBytes.take(out1), SecretBytes.take(out2)
 
 
@@ -187,9 +188,13 @@ class DHFunctions(Protocol):
 
     def keypair(self, private: SecretBytes) -> KeyPair: ...
 
-    def check_public(self, data: bytes) -> None: ...
+    def parse_public(self, data: bytes) -> Any:
+        """Check a received public key; returns the form :meth:`dh` takes."""
+        ...
 
-    def dh(self, keypair: KeyPair, public: bytes) -> SecretBytes: ...
+    def dh(self, keypair: KeyPair, public: Any) -> SecretBytes:
+        """DH with a public key as :meth:`parse_public` returned it."""
+        ...
 
 
 class Secp256k1DH:
@@ -216,21 +221,17 @@ class Secp256k1DH:
         point = PublicKey.from_valid_secret(private.reveal())
         return KeyPair(private, point.format(compressed=True))
 
-    def check_public(self, data: bytes) -> None:
-        self._point(data)
-
-    def _point(self, data: bytes) -> PublicKey:
+    def parse_public(self, data: bytes) -> PublicKey:
         if len(data) != 33:
             raise InvalidPublicKey("public key must be 33 bytes (SEC1 compressed)")
         return parse_public_key(data)
 
-    def dh(self, keypair: KeyPair, public: bytes) -> SecretBytes:
-        point = self._point(public)
+    def dh(self, keypair: KeyPair, public: PublicKey) -> SecretBytes:
         out = bytearray(32)
         rc = _k1_lib.secp256k1_ecdh(
             _K1_CONTEXT.ctx,
             _k1_ffi.from_buffer(out),
-            point.public_key,
+            public.public_key,
             _k1_ffi.from_buffer(keypair.private.live_buffer()),
             _k1_ffi.NULL,
             _k1_ffi.NULL,
@@ -255,12 +256,12 @@ class X25519DH:
             raise NoiseError("X25519 private key must be 32 bytes")
         return KeyPair(private, _nacl.crypto_scalarmult_base(private.reveal()))
 
-    def check_public(self, data: bytes) -> None:
+    def parse_public(self, data: bytes) -> bytes:
         if len(data) != 32:
             raise InvalidPublicKey("X25519 public key must be 32 bytes")
+        return bytes(data)
 
     def dh(self, keypair: KeyPair, public: bytes) -> SecretBytes:
-        self.check_public(public)
         try:
             return SecretBytes(_nacl.crypto_scalarmult(keypair.private.reveal(), public))
         except Exception:  # libsodium refuses low-order points (all-zero output)
@@ -484,6 +485,8 @@ class HandshakeState:
         self.e = e
         self.rs = rs
         self.re: bytes | None = None
+        self._rs_key: Any = dh.parse_public(rs) if rs is not None else None
+        self._re_key: Any = None
         self._rng = rng
         self._messages = list(messages)
         self._turn = 0  # index of the next message
@@ -499,8 +502,6 @@ class HandshakeState:
                 key = (s.public if s is not None else None) if local else rs
                 if key is None:
                     raise ValueError("the pattern's pre-message needs a static public key")
-                if not local:
-                    dh.check_public(key)
                 self.symmetric.mix_hash(key)
 
     # -------------------------------------------------------------- queries
@@ -533,7 +534,7 @@ class HandshakeState:
         # ee, es, se, ss: the first letter is the initiator's key, the second the responder's
         mine, theirs = (step[0], step[1]) if self.initiator else (step[1], step[0])
         local = self.e if mine == "e" else self.s
-        remote = self.re if theirs == "e" else self.rs
+        remote = self._re_key if theirs == "e" else self._rs_key
         if local is None or remote is None:
             raise NoiseStateError(f"step {step} needs a key this handshake does not have")
         return self.dh.dh(local, remote)
@@ -593,7 +594,7 @@ class HandshakeState:
                         raise NoiseMessageLengthError("handshake message too short")
                     re = bytes(view[pos : pos + klen])
                     pos += klen
-                    self.dh.check_public(re)
+                    self._re_key = self.dh.parse_public(re)
                     self.re = re
                     self.symmetric.mix_hash(re)
                 elif step == "s":
@@ -602,7 +603,7 @@ class HandshakeState:
                         raise NoiseMessageLengthError("handshake message too short")
                     rs = bytes(self.symmetric.decrypt_and_hash(view[pos : pos + need]))
                     pos += need
-                    self.dh.check_public(rs)
+                    self._rs_key = self.dh.parse_public(rs)
                     self.rs = rs
                 else:
                     self.symmetric.mix_key(self._dh(step))

@@ -52,10 +52,10 @@ def _complete(init: HandshakeState, resp: HandshakeState) -> None:
 
 def test_secp256k1_dh_is_sha256_of_the_compressed_point() -> None:
     a, b = SECP256K1.generate_keypair(), SECP256K1.generate_keypair()
-    shared = SECP256K1.dh(a, b.public)
+    shared = SECP256K1.dh(a, SECP256K1.parse_public(b.public))
     point = PrivateKey(b.private.reveal()).public_key.multiply(a.private.reveal())
     assert shared.reveal() == hashlib.sha256(point.format(compressed=True)).digest()
-    assert shared.reveal() == SECP256K1.dh(b, a.public).reveal()
+    assert shared.reveal() == SECP256K1.dh(b, SECP256K1.parse_public(a.public)).reveal()
     assert len(a.public) == SECP256K1.public_key_len == 33
     assert len(shared) == SECP256K1.dh_len == 32
 
@@ -64,7 +64,7 @@ def test_secp256k1_refuses_bad_keys() -> None:
     a = SECP256K1.generate_keypair()
     for bad in (a.public[:32], b"\x04" + a.public[1:], b"\x02" + b"\xff" * 32):
         with pytest.raises(InvalidPublicKey):
-            SECP256K1.dh(a, bad)
+            SECP256K1.parse_public(bad)
     for scalar in (bytes(32), (2**256 - 1).to_bytes(32, "big")):
         with pytest.raises(NoiseError):
             SECP256K1.keypair(SecretBytes(scalar))
@@ -79,9 +79,9 @@ def test_secp256k1_generate_skips_out_of_range_scalars() -> None:
 def test_x25519_refuses_low_order_points_and_bad_sizes() -> None:
     kp = X25519.generate_keypair()
     with pytest.raises(InvalidPublicKey):
-        X25519.dh(kp, bytes(32))
+        X25519.dh(kp, X25519.parse_public(bytes(32)))
     with pytest.raises(InvalidPublicKey):
-        X25519.dh(kp, bytes(31))
+        X25519.parse_public(bytes(31))
     with pytest.raises(NoiseError):
         X25519.keypair(SecretBytes(bytes(31)))
 
@@ -263,3 +263,14 @@ def test_borrowed_static_key_is_not_wiped() -> None:
     owned.wipe()
     assert scalar.wiped
     assert scalar.is_all_zero()
+
+
+def test_wipe_zeroes_the_same_buffer_in_place() -> None:
+    secret = SecretBytes(b"\x5a" * 32)
+    buf = secret.buffer_for_tests()
+    view = memoryview(buf)  # an export: the buffer cannot move while it exists
+    secret.wipe()
+    assert bytes(view) == bytes(32)
+    assert secret.buffer_for_tests() is buf
+    assert len(buf) == 32
+    view.release()

@@ -9,7 +9,7 @@ import pytest
 from coincurve import PrivateKey
 
 from node.crypto.curve import HALF_N, SECP256K1_N, address_of
-from node.crypto.errors import ErrorCode
+from node.crypto.errors import DecryptionFailed, ErrorCode
 from node.crypto.hostkey import HostKey
 from node.crypto.noise import SECP256K1, HandshakeState
 from node.protocol.connection import (
@@ -697,3 +697,160 @@ def test_records_and_limits() -> None:
         server.chunk("r1", "x" * r.MAX_BODY, 1)
     with pytest.raises(ValueError, match="padding"):
         ClientConnectionV2(b"\x02" * 33, padding=8)
+
+
+# --------------------------------------------------------------------- client edges
+
+
+def _raw(server: ServerConnectionV2, kind: int, body: bytes, padding: int = 0) -> bytes:
+    assert server._send is not None
+    plain = r.encode_record(r.DATA, body, padding)
+    plain[0] = kind  # any type byte, even one the encoder refuses
+    return server._send.encrypt(plain)
+
+
+def _client_error(client: ClientConnectionV2, frame: bytes) -> str:
+    with pytest.raises(V2ClientError) as info:
+        client.receive(frame)
+    assert client.keys_held == 0
+    assert "V2ClientError(code=" in repr(info.value)
+    return info.value.code
+
+
+def test_client_call_order_is_enforced() -> None:
+    host = HostKey.generate()
+    client = ClientConnectionV2(host.public_key)
+    assert client.keys_held == 1
+    with pytest.raises(RuntimeError, match="start"):
+        client.receive(b"x" * 60)
+    with pytest.raises(RuntimeError, match="handshake"):
+        client.session_terms_text(TERMS)
+    with pytest.raises(RuntimeError, match="handshake"):
+        client.session(TERMS, PrivateKey())
+    client.start()
+    with pytest.raises(RuntimeError, match="once"):
+        client.start()
+    client = handshake()[1]
+    assert client.handshake_hash is not None
+    from node.protocol.v2.session import signed_text
+
+    assert client.session_terms_text(TERMS) == signed_text(client.handshake_hash, TERMS)
+    with pytest.raises(RuntimeError, match="accepted"):
+        client.request("r1", prompt="x")
+    client.session(TERMS, PrivateKey())
+    with pytest.raises(RuntimeError, match="once"):
+        client.session(TERMS, PrivateKey())
+    _server, client, _ = established()
+    with pytest.raises(ValueError, match="request_id"):
+        client.request("", prompt="x")
+
+
+@pytest.mark.parametrize("size", [10, r.MAX_HANDSHAKE_MESSAGE + 1])
+def test_client_refuses_bad_handshake_sizes(size: int) -> None:
+    client = ClientConnectionV2(HostKey.generate().public_key)
+    client.start()
+    assert _client_error(client, bytes(size)) == "HOST_VERIFICATION_FAILED"
+
+
+def test_client_refuses_malformed_records() -> None:
+    cases: list[tuple[int, bytes, str]] = [
+        (r.DATA, b"not json", "MALFORMED_FRAME"),
+        (0x07, b"{}", "UNEXPECTED_FRAME"),
+        (r.DATA, b'{"type":"session_ack"}', "UNEXPECTED_FRAME"),  # not after the ack
+        (r.DATA, b'{"type":"chunk","request_id":5}', "MALFORMED_FRAME"),
+        (r.END, b'{"request_id":"r1","finish_reason":"stop","usage":[]}', "MALFORMED_FRAME"),
+        (
+            r.END,
+            b'{"request_id":"r1","finish_reason":"stop","usage":{"prompt_tokens":-1}}',
+            "MALFORMED_FRAME",
+        ),
+        (r.ERROR, b'{"code":"X","message":"m","request_id":7}', "MALFORMED_FRAME"),
+    ]
+    for kind, body, code in cases:
+        server, client, _ = established()
+        server.receive(client.request("r1", prompt="x"))
+        assert _client_error(client, _raw(server, kind, body)) == code, body
+    server, client, _ = established(padding=16)
+    plain = r.encode_record(r.DATA, b'{"type":"pong"}', 16)
+    plain[-1] = 9
+    assert server._send is not None
+    assert _client_error(client, server._send.encrypt(plain)) == "MALFORMED_FRAME"
+    server, client, _ = established()
+    assert _client_error(client, bytes(r.MAX_FRAME + 1)) == "MALFORMED_FRAME"
+    with pytest.raises(V2ClientError) as info:
+        client.receive(b"")
+    assert info.value.code == "SESSION_CLOSED"
+
+
+def test_error_without_request_id_is_an_event() -> None:
+    server, client, _ = established()
+    (event,) = client.receive(_raw(server, r.ERROR, b'{"code":"RATE_LIMITED","message":"m"}'))
+    assert event == ErrorReceived("RATE_LIMITED", "m", None)
+
+
+def test_lone_surrogates_are_refused() -> None:
+    server, client, _ = established()
+    assert client._send is not None
+    body = b'{"type":"request","request_id":"\\ud800","prompt":"x"}'
+    actions = server.receive(client._send.encrypt(r.encode_record(r.DATA, body)))
+    assert _error_of(client, _only_send(actions)).code == "INVALID_MESSAGE"
+    server, client, _key = handshake()[0], handshake()[1], PrivateKey()
+    server, client, _ = handshake()
+    assert client._send is not None
+    body = json.dumps(
+        {"type": "session", "job_id": "1", "model": "m\ud800"}, ensure_ascii=True
+    ).encode()
+    actions = server.receive(client._send.encrypt(r.encode_record(r.DATA, body)))
+    assert _error_of(client, _sends(actions)[0]).code == "INVALID_SESSION_DATA"
+    assert server.streaming is False
+
+
+def test_json_constants_and_closed_connections() -> None:
+    server, client, _ = established()
+    assert client._send is not None
+    frame = client._send.encrypt(r.encode_record(r.DATA, b'{"type":"ping","x":NaN}'))
+    assert _error_of(client, _only_send(server.receive(frame))).code == "INVALID_MESSAGE"
+    server.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        server._data({"type": "pong"})
+
+
+def test_forward_secrecy_a_later_host_key_opens_v1_but_not_v2() -> None:
+    """Record a v1 init and a v2 session; give the attacker the host private key."""
+    from node.crypto.session_init import open_session_init, parse_init_payload, seal_session_init
+
+    host = HostKey.generate()
+    wallet = PrivateKey()
+    # v1: the recorded init opens with the host key alone, and with it the session key
+    v1_key = bytes(range(32))
+    recorded_v1 = seal_session_init(
+        host.public_key, wallet, v1_key, job_id=1, model_name="m", price_per_token=0
+    )
+    opened = open_session_init(host, parse_init_payload(recorded_v1))
+    assert opened.session_key.reveal() == v1_key
+    # v2: record the whole session
+    server = ServerConnectionV2(host_key=host, clock=Clock())
+    client = ClientConnectionV2(host.public_key)
+    msg1 = client.start()
+    msg2 = _only_send(server.receive(msg1))
+    client.receive(msg2)
+    recorded = [client.session(TERMS, wallet)]
+    recorded.append(_only_send(server.receive(recorded[0])))  # session_ack, node -> client
+    client.receive(recorded[1])
+    recorded.append(client.request("r1", prompt="secret prompt"))
+    server.receive(recorded[2])
+    # the attacker, holding the host key, can play the node's side of message 1 ...
+    attacker = HandshakeState(
+        "NK", initiator=False, dh=SECP256K1, prologue=r.PROLOGUE, s=host.noise_keypair()
+    )
+    assert bytes(attacker.read_message(msg1)) == b"{}"  # payload1 is not forward secret
+    # ... but message 2 needs the node's ephemeral key, long erased, so the transport
+    # keys it can derive are not the session's: no recorded record opens.
+    attacker.write_message(b"")
+    their_send, their_recv = attacker.transport()
+    for frame, cipher in zip(recorded, (their_recv, their_send, their_recv), strict=True):
+        with pytest.raises(DecryptionFailed):
+            cipher.decrypt(frame)
+    assert server.keys_held == 1
+    server.close()
+    assert server.keys_held == 0

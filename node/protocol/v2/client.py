@@ -284,17 +284,24 @@ class ClientConnectionV2:
         except ProtocolError as exc:
             self._die(MALFORMED_FRAME, exc.message)
         del body
+        try:
+            return [self._dispatch(kind, obj)]
+        except V2ClientError:
+            self._finish()  # every fatal problem wipes, wherever it was found
+            raise
+
+    def _dispatch(self, kind: int, obj: dict[str, Any]) -> Event:
         if kind == r.DATA:
-            return [self._on_data(obj)]
+            return self._on_data(obj)
         if kind == r.END:
-            return [self._on_end(obj)]
+            return self._on_end(obj)
         if kind == r.ERROR:
-            return [self._on_error(obj)]
+            return self._on_error(obj)
         if kind == r.CLOSE:
             reason = _str(obj, "reason", r.MAX_REASON)
             self.goodbye_received = True
             self._finish()
-            return [Closed(reason)]
+            return Closed(reason)
         self._die(UNEXPECTED_FRAME, f"unknown record type 0x{kind:02x}")
 
     def _on_data(self, obj: dict[str, Any]) -> Event:

@@ -115,10 +115,8 @@ def load_json_object(body: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def request_id_field(obj: dict[str, Any], *, required: bool) -> str | None:
+def request_id_field(obj: dict[str, Any]) -> str:
     value = obj.get("request_id")
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_REQUEST_ID:
         raise _invalid(f"request_id must be a string of 1 to {MAX_REQUEST_ID} characters")
     try:

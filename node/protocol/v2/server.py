@@ -224,7 +224,7 @@ class ServerConnectionV2:
             if kind == "cancel":
                 return self._on_cancel(obj)
             if kind == "request":
-                request_id = r.request_id_field(obj, required=True)
+                request_id = r.request_id_field(obj)
                 return self._on_request(obj, request_id)
             if kind == "session":
                 raise ProtocolError(
@@ -273,15 +273,14 @@ class ServerConnectionV2:
         return [SessionStarted(session), Send(ack)]
 
     def _on_cancel(self, obj: dict[str, object]) -> list[Action]:
-        request_id = r.request_id_field(dict(obj), required=True)
+        request_id = r.request_id_field(dict(obj))
         active = self.active
         if active is None or active.cancel_requested or active.request_id != request_id:
             return []  # nothing of that id in flight (it may just have finished)
         active.cancel_requested = True
         return [CancelRequest("client requested cancel")]
 
-    def _on_request(self, obj: dict[str, object], request_id: str | None) -> list[Action]:
-        assert request_id is not None
+    def _on_request(self, obj: dict[str, object], request_id: str) -> list[Action]:
         assert self.session is not None
         if self.active is not None:
             raise ProtocolError(
