@@ -241,7 +241,7 @@ def _v2_keys(host: HostKey, msg1: bytes, msg2: bytes, ee: bytes | None) -> list[
     sym.mix_hash(host.public_key)
     e_client, e_node = msg1[:33], msg2[:33]
     sym.mix_hash(e_client)
-    es = SECP256K1.dh(host.noise_keypair(), e_client)
+    es = SECP256K1.dh(host.noise_keypair(), SECP256K1.parse_public(e_client))
     keys.append(es.reveal())
     sym.mix_key(es)
     keys += [sym.ck.reveal(), sym.cipher.k.reveal()]  # type: ignore[union-attr]
@@ -250,7 +250,10 @@ def _v2_keys(host: HostKey, msg1: bytes, msg2: bytes, ee: bytes | None) -> list[
     keys += [k.reveal() for k in sym.split()]
     sym.mix_hash(e_node)
     # The attacker's stand-ins for ee: the host key with the node's ephemeral key, es again.
-    candidates = [SECP256K1.dh(host.noise_keypair(), e_node).reveal(), keys[0]]
+    candidates = [
+        SECP256K1.dh(host.noise_keypair(), SECP256K1.parse_public(e_node)).reveal(),
+        keys[0],
+    ]
     if ee is not None:
         candidates = [ee]
     for candidate in candidates:
@@ -327,6 +330,6 @@ async def test_forward_secrecy_on_recorded_transcripts() -> None:
     # private key with the node's ephemeral public key), opens that session's records.
     # So the attack code is right, and what the attacker lacks is exactly that key.
     c_ups, c_downs = tap_ctl.frames("up"), tap_ctl.frames("down")
-    ee = SECP256K1.dh(ephemeral, c_downs[0][:33]).reveal()
+    ee = SECP256K1.dh(ephemeral, SECP256K1.parse_public(c_downs[0][:33])).reveal()
     assert _opens(_v2_keys(host, c_ups[0], c_downs[0], ee), c_ups[1:] + c_downs[1:]) > 0
     assert _opens(_v2_keys(host, c_ups[0], c_downs[0], None), c_ups[1:] + c_downs[1:]) == 0
