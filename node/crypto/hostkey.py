@@ -18,6 +18,7 @@ from node.crypto.curve import (
     sign_recoverable,
 )
 from node.crypto.errors import HostKeyError
+from node.crypto.noise import KeyPair
 from node.crypto.secret import SecretBytes
 
 ENV_VAR = "HOST_PRIVATE_KEY"
@@ -86,6 +87,12 @@ class HostKey:
         """Raw ECDH x-coordinate with a peer's point."""
         self._key()
         return ecdh_x(self._scalar.view(), peer)
+
+    def noise_keypair(self) -> KeyPair:
+        """The host key as a Noise static key pair for protocol v2. It borrows the
+        scalar buffer: wiping the key pair leaves it alone; :meth:`wipe` zeroes it."""
+        self._key()
+        return KeyPair(self._scalar, self.public_key, owned=False)
 
     def sign_digest(self, digest: bytes) -> bytes:
         """65-byte r || s || v (v in {0,1}) over a 32-byte digest."""
