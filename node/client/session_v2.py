@@ -73,7 +73,15 @@ _ERRORS: Final[dict[str, type[ClientError]]] = {
     "SESSION_CLOSED": SessionClosed,
 }
 #: Request fields a v2 ``request`` record carries (v1's ``stream`` flag is implied).
-_REQUEST_FIELDS: Final = ("prompt", "messages", "model", "max_tokens", "temperature", "stop")
+_REQUEST_FIELDS: Final = (
+    "prompt",
+    "messages",
+    "model",
+    "max_tokens",
+    "temperature",
+    "stop",
+    "seed",
+)
 
 
 def client_error(exc: V2ClientError) -> ClientError:

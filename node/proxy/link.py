@@ -11,7 +11,8 @@ protocol allows no more). At most ``max_concurrency`` run at once; further reque
 wait in a FIFO queue (``max_queue`` of them; more get :class:`QueueFull`). Idle sessions
 are kept per model and reused; an idle one older than ``idle_ttl_s`` is closed instead
 (the node closes idle connections after its own timeout). Which protocol is spoken
-(``v1`` today) is the link's ``protocol`` attribute, chosen by :func:`choose_protocol`.
+(``v2``, or ``v1`` when allowed) is the link's ``protocol``
+attribute, chosen by :func:`choose_protocol`.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ from node.client import (
     open_session,
     random_client_key,
 )
+from node.client.discovery import fetch_protocols
 from node.crypto.curve import address_of
 from node.proxy.openai_api import ProxyRequest
 
 log = logging.getLogger("node.proxy")
 
 # Protocols this build of node.client can speak, best first.
-CLIENT_PROTOCOLS: Final = ("v1",)
+CLIENT_PROTOCOLS: Final = ("v2", "v1")
 PROTOCOL_CHOICES: Final = ("auto", "v2", "v1")
 DEFAULT_IDLE_TTL_S: Final = 60.0
 CANCEL_SETTLE_S: Final = 5.0
@@ -88,26 +90,6 @@ def choose_protocol(requested: str, node_offers: tuple[str, ...], *, allow_v1: b
             "v1 protocol (its encrypted frames carry session and request ids in plaintext)"
         )
     raise ProtocolUnavailable("the node offers no protocol this proxy speaks")
-
-
-async def node_protocols(url: str, *, timeout_s: float = 10.0) -> tuple[str, ...]:
-    """What ``/v1/version`` lists under ``protocols`` (a node without the field: v1)."""
-    base = http_base_url(url)
-    try:
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
-            response = await client.get(base + "/v1/version")
-    except httpx.HTTPError as exc:
-        raise ConnectFailed(f"cannot reach {base}/v1/version: {type(exc).__name__}") from None
-    if response.status_code != 200:
-        raise ConnectFailed(f"GET {base}/v1/version answered HTTP {response.status_code}")
-    try:
-        body = response.json()
-    except ValueError:
-        raise ConnectFailed(f"GET {base}/v1/version did not answer with JSON") from None
-    offered = body.get("protocols") if isinstance(body, dict) else None
-    if not isinstance(offered, list):
-        return ("v1",)
-    return tuple(p for p in offered if isinstance(p, str))
 
 
 @attrs.frozen
@@ -239,7 +221,7 @@ class SessionPool:
         :class:`ProtocolUnavailable` when no allowed protocol is shared.
         """
         host = await discover_host_key(url, expected_address=expected_host_address)
-        chosen = choose_protocol(protocol, await node_protocols(url), allow_v1=allow_v1)
+        chosen = choose_protocol(protocol, await fetch_protocols(url), allow_v1=allow_v1)
         key = client_key if client_key is not None else random_client_key()
         async with trio.open_nursery() as nursery:
             pool = cls(
@@ -343,6 +325,7 @@ class SessionPool:
                 host_public_key=self.host.public_key,
                 client_key=self._client_key,
                 rng=self._rng,
+                protocol=self.protocol,
                 **self._session_options,
             ) as session:
                 lease = _Lease(session, model)

@@ -106,6 +106,7 @@ async def proxy_stack(
     proxy_config: ProxyConfig | None = None,
     node_config: NodeConfig | None = None,
     max_concurrency: int = 4,
+    protocol: str = "auto",
 ) -> AsyncIterator[Stack]:
     host_key = HostKey.generate()
     backend = backend or ProxyTestBackend()
@@ -116,7 +117,7 @@ async def proxy_stack(
         node_url = ws_url.replace("ws://", "http://").removesuffix("/v1/ws")
         async with SessionPool.open(
             node_url,
-            allow_v1=True,
+            protocol=protocol,
             expected_host_address=host_key.address,
             max_concurrency=max_concurrency,
         ) as pool:

@@ -15,6 +15,9 @@ from tests.proxy.conftest import BUSY_PROMPT, MISSING_MODEL, ProxyTestBackend, p
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
 
+BOTH = pytest.mark.parametrize("protocol", ["v2", "v1"])
+
+
 def _usage(result: object) -> dict[str, int]:
     return {
         "prompt_tokens": result.prompt_tokens,  # type: ignore[attr-defined]
@@ -23,9 +26,10 @@ def _usage(result: object) -> dict[str, int]:
     }
 
 
-async def test_chat_completion_not_streamed_has_the_nodes_usage() -> None:
+@BOTH
+async def test_chat_completion_not_streamed_has_the_nodes_usage(protocol: str) -> None:
     with trio.fail_after(30):
-        async with proxy_stack() as stack:
+        async with proxy_stack(protocol=protocol) as stack:
             client = stack.openai_client()
             reply = await stack.call(
                 lambda: client.chat.completions.create(
@@ -53,9 +57,10 @@ async def test_chat_completion_not_streamed_has_the_nodes_usage() -> None:
     assert reply.usage.prompt_tokens == 2 + 9  # every message's words count for the echo backend
 
 
-async def test_chat_completion_streamed_with_usage() -> None:
+@BOTH
+async def test_chat_completion_streamed_with_usage(protocol: str) -> None:
     with trio.fail_after(30):
-        async with proxy_stack() as stack:
+        async with proxy_stack(protocol=protocol) as stack:
             client = stack.openai_client()
 
             def run() -> list[openai.types.chat.ChatCompletionChunk]:
@@ -104,9 +109,10 @@ async def test_streamed_without_include_usage_sends_no_usage_and_ends_with_done(
     assert '"usage"' not in response.text
 
 
-async def test_text_completions_streamed_and_not() -> None:
+@BOTH
+async def test_text_completions_streamed_and_not(protocol: str) -> None:
     with trio.fail_after(30):
-        async with proxy_stack() as stack:
+        async with proxy_stack(protocol=protocol) as stack:
             client = stack.openai_client()
             whole = await stack.call(
                 lambda: client.completions.create(model="echo", prompt=PROMPT, max_tokens=4)
@@ -141,7 +147,7 @@ async def test_models_and_health() -> None:
                 health = (await http.get("/health")).json()
     assert [m.id for m in models] == ["echo"]
     assert health["status"] == "ok"
-    assert health["protocol"] == "v1"
+    assert health["protocol"] == "v2"  # auto picks v2: the node offers it
     assert health["host_address"] == stack.host_key.address
 
 
@@ -193,10 +199,11 @@ async def test_neutral_values_of_unsupported_fields_are_accepted() -> None:
     assert reply.choices[0].message.content == "hi"
 
 
-async def test_node_errors_map_to_http_statuses() -> None:
+@BOTH
+async def test_node_errors_map_to_http_statuses(protocol: str) -> None:
     backend = ProxyTestBackend(context_window=20)
     with trio.fail_after(30):
-        async with proxy_stack(backend=backend) as stack:
+        async with proxy_stack(backend=backend, protocol=protocol) as stack:
             client = stack.openai_client()
 
             def ask(content: str, model: str = "echo") -> object:
@@ -224,10 +231,11 @@ async def test_node_errors_map_to_http_statuses() -> None:
     assert opened == 2  # one per model name: "echo" (reused after each refusal) and the missing one
 
 
-async def test_an_answer_that_breaks_off_ends_with_an_error_event_not_done() -> None:
+@BOTH
+async def test_an_answer_that_breaks_off_ends_with_an_error_event_not_done(protocol: str) -> None:
     backend = ProxyTestBackend(fail_after_pieces=2)
     with trio.fail_after(30):
-        async with proxy_stack(backend=backend) as stack:
+        async with proxy_stack(backend=backend, protocol=protocol) as stack:
             async with httpx.AsyncClient(base_url=stack.url) as http:
                 raw = await http.post(
                     "/v1/chat/completions",
@@ -311,11 +319,12 @@ async def test_concurrent_requests_share_a_bounded_pool() -> None:
     assert 1 <= opened <= 2
 
 
-async def test_client_disconnect_cancels_the_node_request() -> None:
+@BOTH
+async def test_client_disconnect_cancels_the_node_request(protocol: str) -> None:
     backend = ProxyTestBackend(delay_s=0.01)
     long_prompt = " ".join(f"w{i}" for i in range(5000))
     with trio.fail_after(30):
-        async with proxy_stack(backend=backend) as stack:
+        async with proxy_stack(backend=backend, protocol=protocol) as stack:
             stream = await trio.open_tcp_stream("127.0.0.1", stack.server.port)
             body = (
                 '{"model":"echo","stream":true,"messages":[{"role":"user","content":"'
