@@ -30,7 +30,7 @@ EXIT_USAGE = 2
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"LLM_NODE_PROXY_{name}", default)
+    return os.environ.get(name, default)
 
 
 def _flag(name: str) -> bool:
@@ -62,59 +62,63 @@ def add_proxy_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "on this machine. Each flag can be set with LLM_NODE_PROXY_<FLAG>."
         ),
     )
-    p.add_argument("--node", default=_env("NODE"), help="the node's base URL (http://h:p)")
+    p.add_argument(
+        "--node", default=_env("LLM_NODE_PROXY_NODE"), help="the node's base URL (http://h:p)"
+    )
     p.add_argument(
         "--listen",
         type=parse_listen,
-        default=_env("LISTEN", DEFAULT_LISTEN),
+        default=_env("LLM_NODE_PROXY_LISTEN", DEFAULT_LISTEN),
         help=f"HOST:PORT to serve on (default {DEFAULT_LISTEN}; port 0 = any free port)",
     )
     p.add_argument(
         "--expect-host-address",
-        default=_env("EXPECT_HOST_ADDRESS"),
+        default=_env("LLM_NODE_PROXY_EXPECT_HOST_ADDRESS"),
         help="refuse to start unless the node's host key has this Ethereum address",
     )
     p.add_argument(
         "--client-key-file",
-        default=_env("CLIENT_KEY_FILE"),
+        default=_env("LLM_NODE_PROXY_CLIENT_KEY_FILE"),
         help="file with this client's private key (0x + 64 hex); default: an ephemeral key",
     )
     p.add_argument(
         "--protocol",
         choices=PROTOCOL_CHOICES,
-        default=_env("PROTOCOL", "auto"),
+        default=_env("LLM_NODE_PROXY_PROTOCOL", "auto"),
         help="auto (default): v2 when the node offers it; v1 only with --allow-v1",
     )
     p.add_argument(
         "--allow-v1",
         action="store_true",
-        default=_flag("ALLOW_V1"),
+        default=_flag("LLM_NODE_PROXY_ALLOW_V1"),
         help="with --protocol auto, fall back to the older v1 protocol (logged as a warning)",
     )
     p.add_argument(
         "--api-key",
-        default=_env("API_KEY"),
+        default=_env("LLM_NODE_PROXY_API_KEY"),
         help="require Authorization: Bearer KEY (required when not listening on loopback); "
         "prefer LLM_NODE_PROXY_API_KEY, which stays out of the process list",
     )
     p.add_argument(
         "--max-concurrency",
         type=_positive,
-        default=_env("MAX_CONCURRENCY", "4"),
+        default=_env("LLM_NODE_PROXY_MAX_CONCURRENCY", "4"),
         help="encrypted sessions used at once (default 4); more requests wait their turn",
     )
     p.add_argument(
         "--allow-origin",
         action="append",
-        default=[o for o in (_env("ALLOW_ORIGINS", "") or "").split(",") if o],
+        default=[o for o in (_env("LLM_NODE_PROXY_ALLOW_ORIGINS", "") or "").split(",") if o],
         help="an Origin allowed to call the proxy (repeatable); by default browsers are refused",
     )
     p.add_argument(
         "--log-level",
-        default=_env("LOG_LEVEL", "info"),
+        default=_env("LLM_NODE_PROXY_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
     )
-    p.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
+    p.add_argument(
+        "--log-format", default=_env("LLM_NODE_PROXY_LOG_FORMAT", "text"), choices=["text", "json"]
+    )
     p.set_defaults(func=run_proxy)
 
 
@@ -137,15 +141,15 @@ async def proxy_main(args: argparse.Namespace, config: ProxyConfig, key: Private
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
                 nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
-            log.info(
-                "proxy listening on %s -> node %s, protocol %s, host %s%s",
-                server.url,
-                args.node,
-                link.protocol,
-                link.host.address,
-                " (pinned)" if args.expect_host_address else "",
-                extra={"client_address": link.client_address},
-            )
+                log.info(
+                    "proxy listening on %s -> node %s, protocol %s, host %s%s",
+                    server.url,
+                    args.node,
+                    link.protocol,
+                    link.host.address,
+                    " (pinned)" if args.expect_host_address else "",
+                    extra={"client_address": link.client_address},
+                )
     return 0
 
 

@@ -349,7 +349,7 @@ class _Exchange:
             data = b"".join(self.conn.send(e) or b"" for e in events)
         except h11.LocalProtocolError:
             return  # the request was too broken for h11 to answer; the caller closes
-        if self.conn.our_state is h11.DONE:
+        if any(isinstance(e, h11.EndOfMessage) for e in events):
             self.finished = True  # a close seen from now on is not a disconnect
         try:
             await self.stream.send_all(data)

@@ -32,6 +32,7 @@ DOCS = (
     "docs/ENCRYPTION_MIGRATION.md",
     "docs/ENCRYPTION_SECURITY.md",
     "docs/PROTOCOL_V2.md",
+    "docs/PROXY.md",
     "docs/TROUBLESHOOTING.md",
 )
 

@@ -224,7 +224,7 @@ def test_every_metric_is_documented_in_the_api() -> None:
 
 
 _COMMAND = re.compile(
-    r"(?:llm-node|run-node\.sh)\s*(serve|chat|keygen|pubkey|receipts\s+\w+)?([^`|\n]*)"
+    r"(?:llm-node|run-node\.sh)\s*(serve|chat|proxy|keygen|pubkey|receipts\s+\w+)?([^`|\n]*)"
 )
 
 

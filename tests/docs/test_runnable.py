@@ -3,9 +3,11 @@
 Each document gets its own node: ``python -m node serve --backend echo --port 0`` on
 127.0.0.1 with the example host key of docs/API.md and a ledger in a temporary
 directory. The examples see ``$NODE_URL`` (the node's base URL) and ``$LLM_NODE_DATA_DIR``
-(the directory of that ledger, so ``llm-node receipts`` finds it), run in document order
-in a scratch directory, with the virtualenv's ``bin`` first on ``PATH``. Every process is
-bounded by a timeout.
+(the directory of that ledger, so ``llm-node receipts`` finds it); in a document whose
+examples use an OpenAI client, an ``llm-node proxy`` runs in front of that node and the
+examples see ``$OPENAI_BASE_URL`` (its ``/v1``) and ``$OPENAI_API_KEY``, as the README's
+tour exports them. They run in document order in a scratch directory, with the
+virtualenv's ``bin`` first on ``PATH``. Every process is bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -30,7 +33,7 @@ from tests.docs._markdown import (
     output_matches,
     runnable_examples,
 )
-from tests.support.nodeproc import echo_node_process
+from tests.support.nodeproc import echo_node_process, proxy_process
 
 STARTUP_S = 60.0
 EXAMPLE_S = 60.0
@@ -45,6 +48,7 @@ class DocNode:
     url: str
     data_dir: Path
     log: list[str]
+    proxy_url: str | None = None
 
 
 def _clean_env() -> dict[str, str]:
@@ -67,10 +71,33 @@ def doc_node(tmp_path: Path) -> Iterator[DocNode]:
         yield DocNode(url, data_dir, log)
 
 
+def uses_proxy(doc: str) -> bool:
+    return any("OPENAI_BASE_URL" in e.code or "OpenAI(" in e.code for e in runnable_examples(doc))
+
+
+@contextmanager
+def doc_proxy(node: DocNode, doc: str) -> Iterator[None]:
+    """``llm-node proxy`` in front of the document's node, for examples that use it."""
+    if not uses_proxy(doc):
+        yield
+        return
+    with proxy_process(node.url, _clean_env(), startup_s=STARTUP_S) as (url, log):
+        node.proxy_url = url
+        try:
+            yield
+        finally:
+            node.proxy_url = None
+            node.log.extend(["--- proxy log:\n", *log])
+
+
 def run_example(example: Example, node: DocNode, workdir: Path) -> subprocess.CompletedProcess[str]:
     env = _clean_env()
     env["NODE_URL"] = node.url
     env["LLM_NODE_DATA_DIR"] = str(node.data_dir)
+    if node.proxy_url is not None:
+        # What the README's tour exports for OpenAI clients.
+        env["OPENAI_BASE_URL"] = node.proxy_url + "/v1"
+        env["OPENAI_API_KEY"] = "unused"
     if example.lang == "sh":
         command = ["bash", "-e", "-o", "pipefail", "-c", example.code]
     else:
@@ -98,18 +125,19 @@ def test_runnable_examples(doc: str, doc_node: DocNode, tmp_path: Path) -> None:
         pytest.skip("curl is not installed")
     workdir = Path(tempfile.mkdtemp(dir=tmp_path))
     failures: list[str] = []
-    for example in runnable_examples(doc):
-        result = run_example(example, doc_node, workdir)
-        problems = []
-        if result.returncode != example.exit_code:
-            problems.append(f"exit status {result.returncode}, documented {example.exit_code}")
-        if not output_matches(example.expected, result.stdout, example.mode):
-            problems.append(f"output differs ({example.mode})")
-        if problems:
-            failures.append(
-                f"{example.where}: {'; '.join(problems)}\n--- documented:\n{example.expected}\n"
-                f"--- actual:\n{result.stdout}"
-            )
+    with doc_proxy(doc_node, doc):
+        for example in runnable_examples(doc):
+            result = run_example(example, doc_node, workdir)
+            problems = []
+            if result.returncode != example.exit_code:
+                problems.append(f"exit status {result.returncode}, documented {example.exit_code}")
+            if not output_matches(example.expected, result.stdout, example.mode):
+                problems.append(f"output differs ({example.mode})")
+            if problems:
+                failures.append(
+                    f"{example.where}: {'; '.join(problems)}\n--- documented:\n"
+                    f"{example.expected}\n--- actual:\n{result.stdout}"
+                )
     assert not failures, "\n\n".join(failures) + "\n--- node log:\n" + "".join(doc_node.log)
 
 

@@ -1,4 +1,4 @@
-"""A node subprocess for tests that drive it like a user: ``python -m node serve``.
+"""Node and proxy subprocesses for tests that drive them like a user (``python -m node``).
 
 The port is chosen by the OS (``--port 0``) and learned from the node's "listening on"
 log line, read by a thread (no polling). Leaving the context stops the node with SIGINT
@@ -52,6 +52,46 @@ def echo_node_process(
         text=True,
         encoding="utf-8",
     )
+    with _watched(proc, LISTENING, "the node", startup_s) as (port, log):
+        yield f"http://127.0.0.1:{port}", log
+
+
+PROXY_LISTENING = re.compile(r"proxy listening on http://127\.0\.0\.1:(\d+)")
+
+
+@contextmanager
+def proxy_process(
+    node_url: str, env: dict[str, str], *, startup_s: float = 60.0
+) -> Iterator[tuple[str, list[str]]]:
+    """Run ``llm-node proxy`` in front of ``node_url``; yields (its base URL, its log)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "proxy",
+            "--node",
+            node_url,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+    )
+    with _watched(proc, PROXY_LISTENING, "the proxy", startup_s) as (port, log):
+        yield f"http://127.0.0.1:{port}", log
+
+
+@contextmanager
+def _watched(
+    proc: subprocess.Popen[str], listening: re.Pattern[str], what: str, startup_s: float
+) -> Iterator[tuple[int, list[str]]]:
+    """Learn the port from ``proc``'s log line; stop it with SIGINT on the way out."""
     lines: queue.Queue[str | None] = queue.Queue()
     log: list[str] = []
 
@@ -69,11 +109,11 @@ def echo_node_process(
         while port is None:
             line = lines.get(timeout=startup_s)
             if line is None:
-                pytest.fail("the node exited during start-up:\n" + "".join(log))
-            match = LISTENING.search(line)
+                pytest.fail(f"{what} exited during start-up:\n" + "".join(log))
+            match = listening.search(line)
             if match:
                 port = int(match.group(1))
-        yield f"http://127.0.0.1:{port}", log
+        yield port, log
     finally:
         proc.send_signal(signal.SIGINT)
         try:
