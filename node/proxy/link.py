@@ -356,10 +356,21 @@ class SessionPool:
         elif answer.began and not response.started:
             reusable = False  # interrupted while the request was being sent
         elif response.started and not response.done and reusable:
-            with trio.move_on_after(CANCEL_SETTLE_S), contextlib.suppress(ClientError):
-                await response.aclose()  # sends stream_cancel, reads to the end
+            with trio.move_on_after(CANCEL_SETTLE_S):
+                try:
+                    await response.aclose()  # sends the cancel, reads to the end
+                except ClientError as exc:
+                    log.debug("cancelling left the session unusable (%s)", exc.code)
             reusable = response.done and not session.closed
         if not reusable:
+            log.debug(
+                "closing a pooled session (broken %s, error %s, began %s, started %s, done %s)",
+                session.closed,
+                type(answer.error).__name__ if answer.error else None,
+                answer.began,
+                response.started,
+                response.done,
+            )
             lease.closing.set()
             return
         lease.idle_since = trio.current_time()

@@ -63,6 +63,7 @@ log = logging.getLogger("node.server")
 CONNECTED_TEXT: Final = "Connected to llm-node"
 CLOSE_TIMEOUT_S: Final = 5.0
 SETTLE_TIMEOUT_S: Final = 10.0
+SEALED_SEND_S: Final = 10.0  # the longest a sealed frame's send may hold off a cancel
 
 
 def to_generation_request(request: InferenceRequest) -> GenerationRequest:
@@ -358,13 +359,32 @@ class StreamingDriver:
                         queued.text, queued.tokens, self._text_budget
                     ):
                         frame = seal(part, part_tokens)
-                        try:
-                            await self.ws.send_message(frame)
-                        except ConnectionClosed:
+                        if not await self._send_sealed(frame):
                             scope.cancel()  # nobody is listening: stop the model
                             return
                         metrics.chunks += 1
                         metrics.tokens += part_tokens
+
+    async def _send_sealed(self, frame: str | bytes) -> bool:
+        """Send a frame that was already sealed; False when the connection is gone.
+
+        Sealing used up the next nonce (v2) or chunk index (v1): if a cancel (the client's
+        cancel, a request that ended) dropped the frame between sealing and sending, the
+        peer's next record would fail authentication. So the send is shielded, for at
+        most ``SEALED_SEND_S``; one that does not finish by then (a client that stopped
+        reading) leaves the connection unusable, and it is closed.
+        """
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SEALED_SEND_S) as timer:
+                try:
+                    await self.ws.send_message(frame)
+                except ConnectionClosed:
+                    return False
+            if timer.cancelled_caught:
+                with trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self.ws.aclose()
+                return False
+        return True
 
     # ------------------------------------------------------------- closing
 
