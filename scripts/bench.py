@@ -8,7 +8,8 @@
 
 B1 init CPU, B2 encrypted vs plaintext streaming, B3 node vs a bare trio-websocket server,
 B4 2,000 concurrent sessions, B5 node vs llama-cpp-python alone, B6 two workers vs one,
-B7 protocol v2 handshake CPU vs the v1 init, B8 protocol v2 vs v1 encrypted streaming.
+B7 protocol v2 handshake CPU vs the v1 init, B8 protocol v2 vs v1 encrypted streaming,
+P1 first token and tokens/s through ``llm-node proxy`` vs node.client direct.
 See docs/BENCHMARKS.md for what each figure means. The node, the clients, the bare server
 and the direct model run are separate processes on 127.0.0.1 (OS-chosen ports); all are
 killed when the script ends. The ``--role`` modes are those child processes.
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import _benchlib as lib  # noqa: E402
 import trio  # noqa: E402
 
-ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8")
+ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "P1")
 B5_PROMPT = (
     "Write a long, detailed story about a lighthouse keeper who finds a message in a "
     "bottle, and describe every room of the lighthouse."
@@ -662,6 +663,146 @@ class Bench:
             )
         )
 
+    # ------------------------------------------------------------------------ P1
+
+    async def p1_proxy(self) -> None:
+        """First token and tokens/s through ``llm-node proxy`` vs node.client, same node.
+
+        One echo node (a per-token delay stands in for a model), one proxy in front of it
+        (its own process, as a user runs it). This process is the client of both: direct
+        requests on one node.client v2 session, proxied ones as streaming HTTP requests
+        (``stream: true``, one TCP connection each, as the proxy closes after an answer),
+        alternating, so that both see the same machine load.
+        """
+        import httpx
+
+        from node.client import open_session
+
+        q = self.quick
+        words = 100 if q else 200
+        delay_ms = 2.0
+        requests = 10 if q else 40
+        self.say(f"P1: proxy vs direct, {requests} requests each of {words} words")
+        node, port = await self.start_node("p1-node", cli=["--echo-delay-ms", str(delay_ms)])
+        node_url = f"http://{lib.HOST}:{port}"
+        proxy_port = lib.free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "node",
+            "proxy",
+            "--node",
+            node_url,
+            "--listen",
+            f"{lib.HOST}:{proxy_port}",
+            "--expect-host-address",
+            self.host_key.address,
+            "--log-level",
+            "warning",
+        ]
+        proxy = await lib.Child.start("p1-proxy", cmd, log_dir=self.tmp, pipes=False)
+        self.children.append(proxy)
+        await lib.wait_http_ready(proxy_port, 60.0, proxy)
+        prompt = lib.bench_prompt(words)
+        body = {
+            "model": "echo",
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        url = f"http://{lib.HOST}:{proxy_port}/v1/chat/completions"
+        got: dict[str, list[tuple[float, float]]] = {"direct": [], "proxy": []}
+
+        async def proxied(http: httpx.AsyncClient) -> tuple[float, float]:
+            started = time.perf_counter()
+            first: float | None = None
+            tokens = 0
+            async with http.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"the proxy answered HTTP {response.status_code}")
+                async for line in response.aiter_lines():
+                    if first is None and '"delta":{"content":"' in line:
+                        first = time.perf_counter()
+                    elif line.startswith("data: {") and '"usage":{' in line:
+                        tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            ended = time.perf_counter()
+            if first is None or not tokens:
+                raise RuntimeError("the proxy's answer had no text or no usage")
+            return first - started, tokens / (ended - started)
+
+        async with (
+            open_session(
+                node_url,
+                model="echo",
+                job_id=1,
+                host_public_key=self.host_pub_hex,
+                protocol="v2",
+            ) as session,
+            httpx.AsyncClient(timeout=60.0) as http,
+        ):
+            # Warm-up: the proxy opens its pooled session on its first request.
+            await proxied(http)
+            await session.complete(prompt, max_tokens=None, temperature=None)
+            for i in range(requests):
+                for way in ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"):
+                    if way == "direct":
+                        started = time.perf_counter()
+                        stream = session.stream(prompt, max_tokens=None, temperature=None)
+                        first_at: float | None = None
+                        async for _ in stream:
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                        ended = time.perf_counter()
+                        done = stream.completion
+                        assert done is not None
+                        assert first_at is not None
+                        got[way].append(
+                            (first_at - started, done.completion_tokens / (ended - started))
+                        )
+                    else:
+                        got[way].append(await proxied(http))
+        await self.stop(proxy, node)
+        ttft = {w: lib.median([r[0] * 1000 for r in rs]) for w, rs in got.items()}
+        tps = {w: lib.median([r[1] for r in rs]) for w, rs in got.items()}
+        self.details["P1"] = {
+            "words": words,
+            "echo_delay_ms": delay_ms,
+            "requests": requests,
+            "first_token_ms": ttft,
+            "tokens_per_s": tps,
+            "first_token_ms_p90": {
+                w: lib.percentile([r[0] * 1000 for r in rs], 90) for w, rs in got.items()
+            },
+        }
+        extra = ttft["proxy"] - ttft["direct"]
+        self.add(
+            Row(
+                "P1",
+                f"first token through the proxy, median of {requests} (+{extra:.2f} ms)",
+                ttft["proxy"],
+                "ms",
+                baseline_label="node.client direct",
+                baseline=ttft["direct"],
+                ratio=ttft["proxy"] / ttft["direct"] if ttft["direct"] else None,
+                goal="+3 ms or less",
+                met=extra <= 3.0,
+            )
+        )
+        ratio = tps["proxy"] / tps["direct"]
+        self.add(
+            Row(
+                "P1",
+                f"tokens/s through the proxy ({words}-word echo, {delay_ms:g} ms per token)",
+                tps["proxy"],
+                "tok/s",
+                baseline_label="node.client direct",
+                baseline=tps["direct"],
+                ratio=ratio,
+                goal=">= 0.9x",
+                met=ratio >= 0.9,
+            )
+        )
+
     # ------------------------------------------------------------------------ B2
 
     async def b2_streaming(self) -> None:
@@ -1211,6 +1352,7 @@ class Bench:
             "B5": self.b5_model,
             "B6": self.b6_workers,
             "B8": self.b8_v2_streaming,
+            "P1": self.p1_proxy,
         }
         try:
             for name in only:

@@ -232,6 +232,7 @@ class ProxyServer:
             200,
             {
                 "status": "ok",
+                "ready": True,
                 "node": self.link.url,
                 "protocol": self.link.protocol,
                 "host_address": self.link.host.address,

@@ -16,7 +16,7 @@ import trio
 
 from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
-from node.inference.base import Emit, GenerationRequest, GenerationResult
+from node.inference.base import Backend, Emit, GenerationRequest, GenerationResult
 from node.inference.echo import EchoBackend
 from node.inference.errors import ModelNotFound, RateLimited
 from node.protocol.connection import Session
@@ -80,7 +80,7 @@ class RecordingAccounting(NoAccounting):
 class Stack:
     node: NodeContext
     node_url: str
-    backend: ProxyTestBackend
+    backend: Backend
     accounting: RecordingAccounting
     pool: SessionPool
     server: ProxyServer
@@ -91,9 +91,8 @@ class Stack:
         return self.server.url
 
     def openai_client(self, api_key: str = "unused", **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30.0, **kw
-        )
+        kw.setdefault("timeout", 30.0)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
 
     async def call(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn)
@@ -102,7 +101,7 @@ class Stack:
 @asynccontextmanager
 async def proxy_stack(
     *,
-    backend: ProxyTestBackend | None = None,
+    backend: Backend | None = None,
     proxy_config: ProxyConfig | None = None,
     node_config: NodeConfig | None = None,
     max_concurrency: int = 4,
