@@ -22,6 +22,7 @@ import gc
 import hmac
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -671,11 +672,11 @@ class Bench:
         One echo node (a per-token delay stands in for a model), one proxy in front of it
         (its own process, as a user runs it). This process is the client of both: direct
         requests on one node.client v2 session, proxied ones as streaming HTTP requests
-        (``stream: true``, one TCP connection each, as the proxy closes after an answer),
+        (``stream: true``, one TCP connection each, as the proxy closes after an answer;
+        read with a bare socket client, so the figure is the proxy's cost, not a client
+        library's),
         alternating, so that both see the same machine load.
         """
-        import httpx
-
         from node.client import open_session
 
         q = self.quick
@@ -710,38 +711,42 @@ class Bench:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        url = f"http://{lib.HOST}:{proxy_port}/v1/chat/completions"
         got: dict[str, list[tuple[float, float]]] = {"direct": [], "proxy": []}
 
-        async def proxied(http: httpx.AsyncClient) -> tuple[float, float]:
+        request = json.dumps(body).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {lib.HOST}:{proxy_port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(request)}\r\n\r\n"
+        ).encode()
+        usage_re = re.compile(rb'"usage":\{"prompt_tokens":\d+,"completion_tokens":(\d+)')
+
+        async def proxied() -> tuple[float, float]:
+            # A lean HTTP client (what curl does), so that the figure is the proxy's cost
+            # rather than a client library's; it reads events as they arrive.
             started = time.perf_counter()
             first: float | None = None
-            tokens = 0
-            async with http.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(f"the proxy answered HTTP {response.status_code}")
-                async for line in response.aiter_lines():
-                    if first is None and '"delta":{"content":"' in line:
+            data = b""
+            stream = await trio.open_tcp_stream(lib.HOST, proxy_port)
+            async with stream:
+                await stream.send_all(head + request)
+                while b"data: [DONE]" not in data:
+                    got = await stream.receive_some(65536)
+                    if not got:
+                        raise RuntimeError("the proxy closed before data: [DONE]")
+                    data += got
+                    if first is None and b'"delta":{"content":"' in data:
                         first = time.perf_counter()
-                    elif line.startswith("data: {") and '"usage":{' in line:
-                        tokens = json.loads(line[6:])["usage"]["completion_tokens"]
             ended = time.perf_counter()
-            if first is None or not tokens:
+            match = usage_re.search(data)
+            if first is None or match is None or not data.startswith(b"HTTP/1.1 200"):
                 raise RuntimeError("the proxy's answer had no text or no usage")
-            return first - started, tokens / (ended - started)
+            return first - started, int(match.group(1)) / (ended - started)
 
-        async with (
-            open_session(
-                node_url,
-                model="echo",
-                job_id=1,
-                host_public_key=self.host_pub_hex,
-                protocol="v2",
-            ) as session,
-            httpx.AsyncClient(timeout=60.0) as http,
-        ):
+        async with open_session(
+            node_url, model="echo", job_id=1, host_public_key=self.host_pub_hex, protocol="v2"
+        ) as session:
             # Warm-up: the proxy opens its pooled session on its first request.
-            await proxied(http)
+            await proxied()
             await session.complete(prompt, max_tokens=None, temperature=None)
             for i in range(requests):
                 for way in ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"):
@@ -760,7 +765,7 @@ class Bench:
                             (first_at - started, done.completion_tokens / (ended - started))
                         )
                     else:
-                        got[way].append(await proxied(http))
+                        got[way].append(await proxied())
         await self.stop(proxy, node)
         ttft = {w: lib.median([r[0] * 1000 for r in rs]) for w, rs in got.items()}
         tps = {w: lib.median([r[1] for r in rs]) for w, rs in got.items()}
