@@ -368,10 +368,18 @@ class TransportCipher:
             self.rotations += 1
 
     def encrypt(self, plaintext: bytes | bytearray, ad: bytes = b"") -> bytes:
-        if len(plaintext) + TAGLEN > MAX_MESSAGE_LEN and self.rotate_every is None:
+        cipher = self._cipher
+        k, n = cipher.k, cipher.n
+        if k is None:
+            raise NoiseStateError("no transport key")
+        if self.rotate_every is None and len(plaintext) + TAGLEN > MAX_MESSAGE_LEN:
             raise NoiseMessageLengthError("Noise transport messages are at most 65535 bytes")
-        out = self._cipher.encrypt_with_ad(ad, plaintext)
-        self._after_use()
+        if n >= MAX_NONCE:
+            raise NonceExhausted("this key has used every nonce")
+        out = chachapoly_encrypt(k, n, ad, plaintext)
+        cipher.n = n + 1
+        if self.rotate_every is not None and n + 1 >= self.rotate_every:
+            self._after_use()
         return out
 
     def decrypt(self, ciphertext: bytes | bytearray, ad: bytes = b"") -> bytearray:

@@ -854,3 +854,20 @@ def test_forward_secrecy_a_later_host_key_opens_v1_but_not_v2() -> None:
     assert server.keys_held == 1
     server.close()
     assert server.keys_held == 0
+
+
+@pytest.mark.parametrize(
+    "text", ["", "plain", 'quote " and \\ backslash', "ctrl \x00\x1f\n\t", "\u00e9\u4e2d\U0001f600"]
+)
+@pytest.mark.parametrize("request_id", ["r1", 'id "quoted" \u00e9'])
+def test_chunk_fast_path_writes_the_canonical_json(text: str, request_id: str) -> None:
+    server, client, _ = established(padding=32)
+    server.receive(client.request(request_id, prompt="x"))
+    frame = server.chunk(request_id, text, 7)
+    assert client._recv is not None
+    plain = client._recv.decrypt(frame)
+    kind, body = r.parse_record(plain, 32)
+    assert kind == r.DATA
+    assert body == r.dump_json(
+        {"type": "chunk", "request_id": request_id, "text": text, "tokens": 7}
+    )
