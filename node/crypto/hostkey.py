@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from coincurve import PrivateKey, PublicKey
 
@@ -18,8 +18,10 @@ from node.crypto.curve import (
     sign_recoverable,
 )
 from node.crypto.errors import HostKeyError
-from node.crypto.noise import KeyPair
 from node.crypto.secret import SecretBytes
+
+if TYPE_CHECKING:
+    from node.crypto.noise import KeyPair
 
 ENV_VAR = "HOST_PRIVATE_KEY"
 _KEY_RE = re.compile(r"0x[0-9a-fA-F]{64}")
@@ -91,6 +93,8 @@ class HostKey:
     def noise_keypair(self) -> KeyPair:
         """The host key as a Noise static key pair for protocol v2. It borrows the
         scalar buffer: wiping the key pair leaves it alone; :meth:`wipe` zeroes it."""
+        from node.crypto.noise import KeyPair
+
         self._key()
         return KeyPair(self._scalar, self.public_key, owned=False)
 

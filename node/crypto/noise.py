@@ -466,9 +466,10 @@ PATTERNS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[st
 class HandshakeState:
     """Noise HandshakeState for the patterns in :data:`PATTERNS` (no PSK modifiers).
 
-    ``s`` is this side's static key pair, ``rs`` the peer's static public key (required
-    when the pattern's pre-message has it). ``e`` injects the ephemeral key pair (tests
-    and vectors only). Any failure leaves the state unusable and wiped.
+    ``s`` is this side's static key pair (the caller's: never wiped here), ``rs`` the
+    peer's static public key (required when the pattern's pre-message has it). ``e``
+    injects the ephemeral key pair (tests, vectors, or a pool of fresh keys; it is wiped
+    after use). Any failure leaves the state unusable and wiped.
     """
 
     def __init__(
@@ -659,12 +660,13 @@ class HandshakeState:
         return result
 
     def wipe(self) -> None:
-        """Zero everything secret this handshake still holds (safe to call twice)."""
+        """Zero everything secret this handshake holds (safe to call twice): the
+        chaining key, the cipher key, the ephemeral key pair (generated here or injected,
+        it serves one handshake) and untaken transport keys. The static key pair ``s``
+        belongs to the caller, who may use it again, and is left alone."""
         self.symmetric.wipe()
         if self.e is not None:
             self.e.wipe()
-        if self.s is not None:
-            self.s.wipe()
         if self._result is not None:
             for key in self._result:
                 key.wipe()
