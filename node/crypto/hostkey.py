@@ -52,9 +52,7 @@ class HostKey:
             )
         self._scalar = scalar
         # Lives and dies with the host key (made here, wiped by wipe()).
-        self._fingerprint_key = SecretBytes.take(
-            hkdf_sha256(scalar.view(), info=_FINGERPRINT_INFO)
-        )
+        self._fingerprint_key = SecretBytes.take(hkdf_sha256(scalar.view(), info=_FINGERPRINT_INFO))
         self._private: PrivateKey | None = PrivateKey(scalar.reveal())
         self.public_key: bytes = self._private.public_key.format(compressed=True)
         self.public_key_hex: str = self.public_key.hex()
