@@ -285,6 +285,12 @@ class ConnectionState:
         self._hold_deadline = self._clock() + self.config.hold_timeout_s
         return [HoldTimer(self.config.hold_timeout_s)]
 
+    def hold_remaining(self) -> float | None:
+        """Seconds until the current hold times out; None when nothing is held."""
+        if self._hold_deadline is None:
+            return None
+        return max(0.0, self._hold_deadline - self._clock())
+
     def release_held(self) -> tuple[InboundMessage, list[Action]] | None:
         """Handle the oldest held frame, if the stream it waited for has ended.
 

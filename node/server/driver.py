@@ -174,6 +174,7 @@ class ConnectionDriver:
         self.close_code: int | None = None
         self._nursery: trio.Nursery | None = None
         self._request_scope: trio.CancelScope | None = None
+        self._hold_timer_running = False
         self._log_extra = {"conn": connection_id}
         # Text per frame such that no frame exceeds what the node itself would accept.
         self._text_budget = max(
@@ -334,10 +335,19 @@ class ConnectionDriver:
             await self._internal_error(exc)
 
     async def _hold_timer(self, delay_s: float) -> None:
-        """Refuse the held frames if the cancelled stream has not ended in time."""
-        await trio.sleep(delay_s)
-        with contextlib.suppress(ConnectionClosed):
-            await self._execute(self.state.expire_held())
+        """Refuse the held frames if the cancelled stream has not ended in time; then
+        follow a newer hold that began meanwhile, until nothing is held."""
+        try:
+            while True:
+                await trio.sleep(delay_s)
+                with contextlib.suppress(ConnectionClosed):
+                    await self._execute(self.state.expire_held())
+                remaining = self.state.hold_remaining()
+                if remaining is None:
+                    return
+                delay_s = remaining
+        finally:
+            self._hold_timer_running = False
 
     async def _execute(self, actions: list[Action]) -> bool:
         keep_going = True
@@ -360,8 +370,10 @@ class ConnectionDriver:
             elif isinstance(action, SessionEnded):
                 await self.ctx.accounting.session_ended(action.session, action.reason)
             elif isinstance(action, HoldTimer):
-                assert self._nursery is not None
-                self._nursery.start_soon(self._hold_timer, action.delay_s)
+                if not self._hold_timer_running:  # one timer task per connection
+                    assert self._nursery is not None
+                    self._hold_timer_running = True
+                    self._nursery.start_soon(self._hold_timer, action.delay_s)
             elif isinstance(action, PlaintextDeprecated):
                 log.warning(
                     "plaintext mode is deprecated; this client should use encrypted sessions",

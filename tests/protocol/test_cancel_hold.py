@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from node.crypto.errors import ErrorCode
 from node.protocol import CancelRequest, HoldTimer, SessionStarted, StartRequest
 from node.protocol.connection import HOLD_TIMEOUT_S, MAX_HELD_FRAMES, ConnectionState
@@ -55,6 +57,7 @@ def test_sdk_burst_after_cancel_is_held_then_handled_in_order() -> None:
     assert conn.receive(init) == [HoldTimer(HOLD_TIMEOUT_S)]  # the first held frame
     assert conn.receive(message) == []
     assert conn.held_frames == 2
+    assert conn.hold_remaining() == HOLD_TIMEOUT_S
     assert conn.release_held() is None  # the cancelled stream has not ended yet
     ended = conn.finish("cancelled", prompt_tokens=1)
     assert isinstance(ended[-1], StreamEnd)
@@ -73,6 +76,7 @@ def test_sdk_burst_after_cancel_is_held_then_handled_in_order() -> None:
     assert start.session.key.equals(new_key)
     assert conn.release_held() is None
     assert conn.held_frames == 0
+    assert conn.hold_remaining() is None
     assert conn.error_count == 0
 
 
@@ -169,6 +173,7 @@ def test_the_hold_ends_after_its_timeout_with_request_in_progress() -> None:
     conn.receive(StreamCancel())  # dropped at expiry: its stream is being cancelled
     conn.receive(frame({"type": "prompt", "prompt": "p", "id": "p1"}))
     clock.advance(HOLD_TIMEOUT_S - 0.001)
+    assert conn.hold_remaining() == pytest.approx(0.001)
     assert conn.expire_held() == []  # not yet
     assert conn.held_frames == 3
     clock.advance(0.001)

@@ -44,10 +44,10 @@ class SlowStop:
     its current token does: the cancelled stream is still ending when the SDK's next
     frames arrive."""
 
-    def __init__(self, inner: Backend, stop_s: float) -> None:
+    def __init__(self, inner: Backend, stop_s: float, *later_stops_s: float) -> None:
         self.inner = inner
         self.name = inner.name
-        self.stop_s = stop_s
+        self.stops = [stop_s, *later_stops_s]  # per generation; the last one repeats
 
     def models(self) -> list[ModelInfo]:
         return self.inner.models()
@@ -62,8 +62,9 @@ class SlowStop:
         try:
             return await self.inner.generate(request, emit)
         except trio.Cancelled:
+            stop_s = self.stops.pop(0) if len(self.stops) > 1 else self.stops[0]
             with trio.CancelScope(shield=True):
-                await trio.sleep(self.stop_s)
+                await trio.sleep(stop_s)
             raise
 
 
@@ -214,6 +215,45 @@ async def test_a_stream_that_does_not_end_in_time_refuses_the_held_frames(
             _, again = await c.init(node.host_public_key, session_id="3")
             assert (await c.ask(again, "after the stop")).text == "after the stop"
     assert node.ctx.metrics.errors["REQUEST_IN_PROGRESS"] == 3
+
+
+async def test_a_second_hold_gets_its_own_full_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One timer per connection follows the holds: a hold that begins while the timer of
+    an earlier one still runs times out 10 s after it began, not earlier or never."""
+    node = build_node(backend=SlowStop(EchoBackend(delay_s=1.0), 5.0, 60.0))
+    with trio.fail_after(600):
+        async with memory_client(node) as c:
+            _, first = await c.init(node.host_public_key, session_id="3")
+            await c.send(first.message_frame({"prompt": WORDS}, request_id="a"))
+            await c.expect("encrypted_chunk")
+            # Round 1: the stream stops within 5 s, so the held frames go through.
+            init, second = init_frame(node.host_public_key, session_id="3")
+            for frame in (
+                {"type": "stream_cancel"},
+                init,
+                second.message_frame({"prompt": WORDS}, request_id="b"),
+            ):
+                await c.send(frame)
+            await c.collect(first, request_id="a", skip_chunks=1)
+            await c.expect("session_init_ack")
+            await c.expect("encrypted_chunk")
+            # Round 2, still inside round 1's 10 s: this stream takes 60 s to stop.
+            init, third = init_frame(node.host_public_key, session_id="3", request_id="i3")
+            cancelled_at = trio.current_time()
+            for frame in (
+                {"type": "stream_cancel"},
+                init,
+                third.message_frame({"prompt": "c"}, request_id="c"),
+            ):
+                await c.send(frame)
+            refused = await c.expect("error", within_s=HOLD_TIMEOUT_S * 2)
+            assert (refused["code"], refused["id"]) == ("REQUEST_IN_PROGRESS", "i3")
+            assert trio.current_time() - cancelled_at == pytest.approx(HOLD_TIMEOUT_S)
+            await c.expect_error("REQUEST_IN_PROGRESS", request_id="c")
+            ended = await c.collect(second, request_id="b", skip_chunks=1, within_s=120)
+            assert ended.end["reason"] == "cancelled"
 
 
 async def test_too_many_held_frames_are_refused_in_order(
