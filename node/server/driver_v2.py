@@ -102,9 +102,10 @@ class ConnectionDriverV2(StreamingDriver):
         active = self.state.active
         return active.completion_tokens if active is not None else 0
 
-    def _seal_piece(self, text: str, tokens: int) -> bytes:
+    def _seal_piece(self, text: str, tokens: int) -> bytes | None:
         active = self.state.active
-        assert active is not None
+        if active is None:  # a fatal record closed the state while pieces were queued
+            return None
         return self.state.chunk(active.request_id, text, tokens)
 
     async def _end_request(
