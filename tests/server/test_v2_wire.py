@@ -97,7 +97,10 @@ async def test_version_lists_protocols(node_factory: NodeFactory) -> None:
                 name: (await http.get(n.url + "/v1/version")).json()["protocols"]
                 for name, n in [("both", both), ("v1", only_v1), ("v2", only_v2), ("nokey", no_key)]
             }
+        refused = await _upgrade(no_key.port or 0, "/v2/ws")
     assert got == {"both": ["v1", "v2"], "v1": ["v1"], "v2": ["v2"], "nokey": ["v1"]}
+    assert refused.startswith(b"HTTP/1.1 403")
+    assert b"protocol v2 needs a host key and this node has none" in refused
 
 
 async def _upgrade(port: int, path: str) -> bytes:
