@@ -162,6 +162,9 @@ def _serve_workers(config: NodeConfig) -> int:
     except (HostKeyError, LedgerError) as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    if host_key is None and config.protocols == ("v2",):
+        print(_V2_NEEDS_KEY, file=sys.stderr)
+        return 2
     if host_key is not None:
         host_key.wipe()
     config = attrs.evolve(config, ledger_recover=False)
@@ -192,6 +195,12 @@ def _serve_workers(config: NodeConfig) -> int:
     return 0 if all(clean(proc.exitcode) for proc in procs) else 1
 
 
+_V2_NEEDS_KEY = (
+    "error: --protocols v2 needs HOST_PRIVATE_KEY (protocol v2 authenticates the node by its "
+    "host key; run `llm-node keygen`)"
+)
+
+
 def serve_main(config: NodeConfig) -> int:
     if config.workers > 1:
         return _serve_workers(config)
@@ -211,11 +220,7 @@ def _serve_one(config: NodeConfig) -> int:
         )
         return 2
     if config.protocols == ("v2",) and host_key is None:
-        print(
-            "error: --protocols v2 needs HOST_PRIVATE_KEY (protocol v2 authenticates the node "
-            "by its host key; run `llm-node keygen`)",
-            file=sys.stderr,
-        )
+        print(_V2_NEEDS_KEY, file=sys.stderr)
         return 2
     try:
         backend = build_backend(config)

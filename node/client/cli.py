@@ -21,6 +21,7 @@ import trio
 from coincurve import PrivateKey
 
 from node.client.discovery import (
+    endpoint_protocol,
     fetch_models,
     identity_from_public_key,
     normalize_address,
@@ -266,10 +267,15 @@ async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
         chunk_timeout=args.chunk_timeout,
     ) as session:
         if args.protocol == "auto" and not args.plaintext and session.protocol != "v2":
+            why = (
+                "the URL names /v1/ws"
+                if endpoint_protocol(args.url) == "v1"
+                else "the node does not offer protocol v2"
+            )
             _say(
                 sys.stderr,
-                "warning: the node does not offer protocol v2; using protocol v1 (no forward "
-                "secrecy); --protocol v2 refuses this\n",
+                f"warning: {why}; using protocol v1 (no forward secrecy); --protocol v2 "
+                "refuses this\n",
             )
         if args.prompt is not None:
             await _ask(session, args, args.prompt)

@@ -368,10 +368,17 @@ class TransportCipher:
             self.rotations += 1
 
     def encrypt(self, plaintext: bytes | bytearray, ad: bytes = b"") -> bytes:
-        if len(plaintext) + TAGLEN > MAX_MESSAGE_LEN and self.rotate_every is None:
+        cipher = self._cipher
+        k, n = cipher.k, cipher.n
+        assert k is not None  # a TransportCipher is always made with a key
+        if self.rotate_every is None and len(plaintext) + TAGLEN > MAX_MESSAGE_LEN:
             raise NoiseMessageLengthError("Noise transport messages are at most 65535 bytes")
-        out = self._cipher.encrypt_with_ad(ad, plaintext)
-        self._after_use()
+        if n >= MAX_NONCE:
+            raise NonceExhausted("this key has used every nonce")
+        out = chachapoly_encrypt(k, n, ad, plaintext)
+        cipher.n = n + 1
+        if self.rotate_every is not None and n + 1 >= self.rotate_every:
+            self._after_use()
         return out
 
     def decrypt(self, ciphertext: bytes | bytearray, ad: bytes = b"") -> bytearray:
@@ -458,9 +465,10 @@ PATTERNS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[st
 class HandshakeState:
     """Noise HandshakeState for the patterns in :data:`PATTERNS` (no PSK modifiers).
 
-    ``s`` is this side's static key pair, ``rs`` the peer's static public key (required
-    when the pattern's pre-message has it). ``e`` injects the ephemeral key pair (tests
-    and vectors only). Any failure leaves the state unusable and wiped.
+    ``s`` is this side's static key pair (the caller's: never wiped here), ``rs`` the
+    peer's static public key (required when the pattern's pre-message has it). ``e``
+    injects the ephemeral key pair (tests, vectors, or a pool of fresh keys; it is wiped
+    after use). Any failure leaves the state unusable and wiped.
     """
 
     def __init__(
@@ -651,12 +659,13 @@ class HandshakeState:
         return result
 
     def wipe(self) -> None:
-        """Zero everything secret this handshake still holds (safe to call twice)."""
+        """Zero everything secret this handshake holds (safe to call twice): the
+        chaining key, the cipher key, the ephemeral key pair (generated here or injected,
+        it serves one handshake) and untaken transport keys. The static key pair ``s``
+        belongs to the caller, who may use it again, and is left alone."""
         self.symmetric.wipe()
         if self.e is not None:
             self.e.wipe()
-        if self.s is not None:
-            self.s.wipe()
         if self._result is not None:
             for key in self._result:
                 key.wipe()

@@ -8,10 +8,11 @@ ending an answer differ. The core owns every v2 secret of the connection (handsh
 state, both directions' keys and chaining keys); ``run``'s ``finally`` wipes them when the
 connection's scope exits, however it exits.
 
-Deadlines: the handshake (from the upgrade to an accepted session record) must finish
-within :data:`HANDSHAKE_TIMEOUT_S`, else the connection is closed with 1008; after that,
-the node's idle timeout applies as in v1. A text frame is a protocol error: before any
-key exists it closes with 1003, afterwards with 1008 (and the keys are wiped).
+Deadlines: message 1 must arrive within :data:`HANDSHAKE_TIMEOUT_S` of the upgrade, and
+the session record within as long again of message 1, else the connection is closed with
+1008; after that, the node's idle timeout applies as in v1. A text frame is a protocol
+error: before any key exists it closes with 1003, afterwards with 1008 (and the keys are
+wiped).
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ class ConnectionDriverV2(StreamingDriver):
         active = self.state.active
         return active.completion_tokens if active is not None else 0
 
-    def _seal_piece(self, text: str, tokens: int) -> bytes:
+    def _seal_piece(self, text: str, tokens: int) -> bytes | None:
         active = self.state.active
-        assert active is not None
+        if active is None:  # a fatal record closed the state while pieces were queued
+            return None
         return self.state.chunk(active.request_id, text, tokens)
 
     async def _end_request(
@@ -164,8 +166,12 @@ class ConnectionDriverV2(StreamingDriver):
                 self.end_reason = "idle_timeout"
                 await self._close(CLOSE_NORMAL, "idle timeout")
                 return
+            first = self.state.handshake_hash is None
             if not await self._on_frame(frame):
                 return
+            if first and not self.established:
+                # Message 1 arrived: the session record is due within the deadline from it.
+                handshake_deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
 
     async def _on_frame(self, frame: str | bytes) -> bool:
         metrics = self.ctx.metrics

@@ -10,6 +10,7 @@ an attacker reads a recorded v1 session, and cannot read a recorded v2 session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,23 +19,43 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from node.client import ResponseStream, open_session
 from node.client.errors import (
     ChunkAuthenticationFailed,
+    ForeignFrame,
     HostVerificationFailed,
+    InvalidFinishReason,
+    NodeErrorResponse,
     SessionClosed,
     StreamTruncated,
+    UnexpectedFrame,
 )
+from node.client.receiver import ResponseEnd, TextPiece
+from node.client.session_v2 import ClientSessionV2, ResponseReaderV2
 from node.crypto import aead
 from node.crypto.errors import DecryptionFailed
 from node.crypto.hostkey import HostKey
 from node.crypto.noise import SECP256K1, SymmetricState, chachapoly_decrypt, hkdf2
 from node.crypto.secret import SecretBytes
 from node.crypto.session_init import open_session_init
+from node.inference.base import GenerationRequest, GenerationResult
+from node.inference.echo import EchoBackend
+from node.inference.errors import InferenceFailed
 from node.protocol.messages import EncryptedMessage, EncryptedSessionInit, decode
-from node.protocol.v2 import PROLOGUE, PROTOCOL_NAME, ClientConnectionV2, ServerConnectionV2
+from node.protocol.v2 import (
+    PROLOGUE,
+    PROTOCOL_NAME,
+    ClientConnectionV2,
+    Closed,
+    ErrorReceived,
+    Pong,
+    ServerConnectionV2,
+)
+from node.protocol.v2 import Chunk as V2Chunk
+from node.protocol.v2 import End as V2End
+from node.protocol.v2 import Usage as V2Usage
 from node.protocol.v2.server import Send
 from tests.server._support import DEV_HOST_KEY_HEX, RunningNode, build_node
 from tests.server._v2 import Hook, all_zero, gauges, raw_v2, relay, terms
@@ -151,8 +172,8 @@ async def _impostor(other: HostKey, request: WebSocketRequest) -> None:
     await ws.send_message(reply.frame)
     own.wipe()
     responder.wipe()
-    with trio.move_on_after(GUARD_S):
-        await ws.get_message()
+    with trio.move_on_after(GUARD_S), contextlib.suppress(ConnectionClosed):
+        await ws.get_message()  # the client leaves
 
 
 async def test_man_in_the_middle_with_another_static_key_is_refused() -> None:
@@ -333,3 +354,72 @@ async def test_forward_secrecy_on_recorded_transcripts() -> None:
     ee = SECP256K1.dh(ephemeral, SECP256K1.parse_public(c_downs[0][:33])).reveal()
     assert _opens(_v2_keys(host, c_ups[0], c_downs[0], ee), c_ups[1:] + c_downs[1:]) > 0
     assert _opens(_v2_keys(host, c_ups[0], c_downs[0], None), c_ups[1:] + c_downs[1:]) == 0
+
+
+# ----------------------------------------------------------------- reader and errors
+
+
+def test_reader_checks_every_record() -> None:
+    reader = ResponseReaderV2(session_id="s", request_id="r")
+    assert reader.feed(V2Chunk("r", "hi", 1)) == TextPiece("hi", 1)
+    with pytest.raises(ForeignFrame):
+        reader.feed(V2Chunk("other", "x", 1))
+    with pytest.raises(ForeignFrame):
+        reader.feed(V2End("other", "stop", V2Usage(1, 1, 2)))
+    with pytest.raises(ForeignFrame):
+        reader.feed(ErrorReceived("INFERENCE_FAILED", "no", "other"))
+    with pytest.raises(InvalidFinishReason):
+        reader.feed(V2End("r", "exploded", V2Usage(1, 1, 2)))
+    with pytest.raises(UnexpectedFrame):
+        reader.feed(Pong())
+    with pytest.raises(StreamTruncated, match="CLOSE record"):
+        reader.feed(Closed("bye"))
+    end = reader.feed(V2End("r", "length", V2Usage(3, 1, 4)))
+    assert isinstance(end, ResponseEnd)
+    assert end.finish_reason == "length"
+    assert end.stream_end.usage is not None
+    assert end.stream_end.usage.total_tokens == 4
+    assert end.stream_end.reason == "complete"
+    with pytest.raises(UnexpectedFrame, match="already ended"):
+        reader.feed(V2Chunk("r", "late", 1))
+    failing = ResponseReaderV2(session_id="s", request_id="r")
+    with pytest.raises(NodeErrorResponse) as info:
+        failing.feed(ErrorReceived("MODEL_NOT_FOUND", "no such model", "r"))
+    assert info.value.code == "MODEL_NOT_FOUND"
+    assert failing.done
+
+
+class FailingBackend(EchoBackend):
+    async def generate(self, request: GenerationRequest, emit: Any) -> GenerationResult:
+        if "fail" in (request.prompt or ""):
+            raise InferenceFailed("the model is unwell")
+        return await super().generate(request, emit)
+
+
+async def test_node_errors_reach_the_caller_and_the_session_goes_on() -> None:
+    with trio.fail_after(GUARD_S):
+        async with (
+            v2_node(backend=FailingBackend()) as node,
+            open_session(
+                node.url, model="echo", job_id=5, host_public_key=node.host_public_key
+            ) as session,
+        ):
+            with pytest.raises(NodeErrorResponse) as info:
+                await session.complete("please fail")
+            assert info.value.code == "INFERENCE_FAILED"
+            assert (await session.complete("fine now")).text == "fine now"
+
+
+async def test_refused_session_and_bad_padding() -> None:
+    with pytest.raises(ValueError, match="padding"):
+        ClientSessionV2(None, padding=7)  # type: ignore[arg-type]
+    with trio.fail_after(GUARD_S):
+        async with v2_node(allowed_clients=frozenset({"0x" + "11" * 20})) as node:
+            with pytest.raises(NodeErrorResponse) as info:
+                async with open_session(
+                    node.url, model="echo", job_id=5, host_public_key=node.host_public_key
+                ):
+                    pass
+            await node.wait_no_connections()
+            assert all_zero(node)
+    assert info.value.code == "SESSION_AUTH_DENIED"

@@ -274,3 +274,28 @@ def test_wipe_zeroes_the_same_buffer_in_place() -> None:
     assert secret.buffer_for_tests() is buf
     assert len(buf) == 32
     view.release()
+
+
+def test_a_failed_handshake_leaves_the_callers_static_key_alone() -> None:
+    server = SECP256K1.generate_keypair()
+    client_static = SECP256K1.generate_keypair()
+    init = HandshakeState("XK", initiator=True, dh=SECP256K1, rs=server.public, s=client_static)
+    init.write_message(b"")
+    with pytest.raises(NoiseMessageLengthError):
+        init.read_message(b"\x02")
+    assert init.e is not None
+    assert init.e.private.wiped  # the ephemeral key is the handshake's own
+    assert not client_static.private.wiped  # the static key is the caller's
+
+
+def test_transport_nonce_exhaustion_and_use_after_wipe() -> None:
+    plain = TransportCipher(SecretBytes(KEY), SecretBytes(KEY), None)
+    plain._cipher.n = MAX_NONCE
+    with pytest.raises(NonceExhausted):
+        plain.encrypt(b"x")
+    with pytest.raises(NonceExhausted):
+        plain.decrypt(bytes(17))
+    plain._cipher.n = 0
+    plain.wipe()
+    with pytest.raises(ValueError, match="wiped"):
+        plain.encrypt(b"x")

@@ -854,3 +854,31 @@ def test_forward_secrecy_a_later_host_key_opens_v1_but_not_v2() -> None:
     assert server.keys_held == 1
     server.close()
     assert server.keys_held == 0
+
+
+@pytest.mark.parametrize(
+    "text", ["", "plain", 'quote " and \\ backslash', "ctrl \x00\x1f\n\t", "\u00e9\u4e2d\U0001f600"]
+)
+@pytest.mark.parametrize("request_id", ["r1", 'id "quoted" \u00e9'])
+def test_chunk_fast_path_writes_the_canonical_json(text: str, request_id: str) -> None:
+    server, client, _ = established(padding=32)
+    server.receive(client.request(request_id, prompt="x"))
+    frame = server.chunk(request_id, text, 7)
+    assert client._recv is not None
+    plain = client._recv.decrypt(frame)
+    kind, body = r.parse_record(plain, 32)
+    assert kind == r.DATA
+    assert body == r.dump_json(
+        {"type": "chunk", "request_id": request_id, "text": text, "tokens": 7}
+    )
+
+
+def test_client_checks_the_acknowledged_address() -> None:
+    server, client, _ = handshake()
+    client.session(TERMS, PrivateKey())  # not delivered: the node's first record is forged
+    ack = server._data(
+        {"type": "session_ack", "session_id": "x", "client_address": "0x" + "22" * 20, "model": "m"}
+    )
+    with pytest.raises(V2ClientError) as info:
+        client.receive(ack)
+    assert info.value.code == "UNEXPECTED_FRAME"

@@ -15,15 +15,24 @@ import pytest
 import trio
 import trio.testing
 from coincurve import PrivateKey
+from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from node.client import open_session
 from node.client.errors import ConnectFailed, DowngradeRefused
 from node.crypto.curve import address_of
-from node.protocol.v2 import ClientConnectionV2, Pong, SessionAccepted
+from node.protocol.v2 import (
+    Chunk,
+    ClientConnectionV2,
+    Closed,
+    End,
+    Pong,
+    SessionAccepted,
+)
 from node.protocol.v2.session import sign_session
 from tests.server._support import (
     DEV_HOST_PUBLIC_HEX,
     UPGRADE_REQUEST,
+    GatedBackend,
     RunningNode,
     build_node,
     parse_prometheus,
@@ -88,7 +97,10 @@ async def test_version_lists_protocols(node_factory: NodeFactory) -> None:
                 name: (await http.get(n.url + "/v1/version")).json()["protocols"]
                 for name, n in [("both", both), ("v1", only_v1), ("v2", only_v2), ("nokey", no_key)]
             }
+        refused = await _upgrade(no_key.port or 0, "/v2/ws")
     assert got == {"both": ["v1", "v2"], "v1": ["v1"], "v2": ["v2"], "nokey": ["v1"]}
+    assert refused.startswith(b"HTTP/1.1 403")
+    assert b"protocol v2 needs a host key and this node has none" in refused
 
 
 async def _upgrade(port: int, path: str) -> bytes:
@@ -266,8 +278,6 @@ async def test_handshake_deadline(autojump_clock: trio.testing.MockClock) -> Non
             client_stream, server_stream = trio.testing.memory_stream_pair()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(node.server.handle_stream, server_stream)
-                from trio_websocket import ConnectionClosed, wrap_client_stream
-
                 ws = await wrap_client_stream(
                     nursery,
                     client_stream,  # type: ignore[arg-type]
@@ -276,10 +286,12 @@ async def test_handshake_deadline(autojump_clock: trio.testing.MockClock) -> Non
                 )
                 started = trio.current_time()
                 if stage == "message 1":
+                    await trio.sleep(9)  # late but in time; the record is due 10 s after it
                     conn = ClientConnectionV2(HOST_PUB)
                     await ws.send_message(conn.start())
                     conn.receive(await ws.get_message())
                     conn.wipe()
+                    started = trio.current_time()
                 with pytest.raises(ConnectionClosed) as info:
                     await ws.get_message()
                 waited = trio.current_time() - started
@@ -289,4 +301,82 @@ async def test_handshake_deadline(autojump_clock: trio.testing.MockClock) -> Non
             assert 10.0 <= waited < 10.5
     await node.wait_no_connections()
     assert metrics(node)['llm_node_noise_handshakes_total{result="timeout"}'] == 2
+    assert all_zero(node)
+
+
+async def test_cancel_through_node_client(node_factory: NodeFactory) -> None:
+    backend = GatedBackend()
+    node = await node_factory.start(backend=backend)
+    with trio.fail_after(GUARD_S):
+        async with open_session(
+            node.url, model="gated", job_id=3, host_public_key=HOST_PUB, protocol="v2"
+        ) as session:
+            stream = session.stream("anything")
+            assert await stream.__anext__() == "first"
+            await session.cancel()
+            rest = [p async for p in stream]
+            assert stream.completion is not None
+            assert stream.completion.finish_reason == "cancelled"
+            assert (await session.ping()) >= 0  # the session goes on
+    assert rest == []
+    assert backend.cancelled.is_set()
+    [(_, request_id, result)] = node.accounting.finished
+    assert request_id == stream.request_id
+    assert (result.finish_reason, result.completion_tokens) == ("cancelled", 1)
+
+
+async def test_shutdown_mid_stream_ends_the_answer_then_says_goodbye(
+    node_factory: NodeFactory,
+) -> None:
+    node = await node_factory.start(backend=GatedBackend())
+    with trio.fail_after(GUARD_S):
+        async with raw_v2(node.port or 0, HOST_PUB) as client:
+            await client.open_session(terms(model="gated"))
+            await client.send(client.conn.request("r1", prompt="x"))
+            (chunk,) = await client.events()
+            assert isinstance(chunk, Chunk)
+            node.shutdown.set()
+            (end,) = await client.events()
+            (goodbye,) = await client.events()
+            code, rest = await client.wait_closed()
+    assert isinstance(end, End)
+    assert (end.request_id, end.finish_reason) == ("r1", "cancelled")
+    assert isinstance(goodbye, Closed)
+    assert goodbye.reason == "server shutdown"
+    assert (code, rest) == (1001, [])
+    [(_, reason)] = node.accounting.ended
+    assert reason == "shutdown"
+
+
+async def test_idle_timeout_says_goodbye(autojump_clock: trio.testing.MockClock) -> None:
+    node = build_node(idle_timeout_s=30.0)
+    with trio.fail_after(300):
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.server.handle_stream, server_stream)
+            ws = await wrap_client_stream(
+                nursery,
+                client_stream,  # type: ignore[arg-type]
+                "127.0.0.1",
+                "/v2/ws",
+            )
+            conn = ClientConnectionV2(HOST_PUB)
+            await ws.send_message(conn.start())
+            conn.receive(await ws.get_message())
+            await ws.send_message(conn.session(terms(), PrivateKey()))
+            conn.receive(await ws.get_message())
+            opened = trio.current_time()
+            (goodbye,) = conn.receive(await ws.get_message())
+            idle = trio.current_time() - opened
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            await client_stream.aclose()
+    assert isinstance(goodbye, Closed)
+    assert goodbye.reason == "idle timeout"
+    assert 30.0 <= idle < 30.5
+    assert info.value.reason is not None
+    assert info.value.reason.code == 1000
+    await node.wait_no_connections()
+    [(_, reason)] = node.accounting.ended
+    assert reason == "idle_timeout"
     assert all_zero(node)
