@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+import h11
 import pytest
+import trio
+import trio.testing
 
 from node.client import (
     ConnectFailed,
@@ -290,3 +293,36 @@ def test_a_wildcard_listen_accepts_ip_literals_but_no_dns_names() -> None:
     assert loopback._host_ok("LOCALHOST:8090")
     assert not loopback._host_ok("192.168.1.5:8090")
     assert not loopback._host_ok("")
+
+
+async def _exchange_after_a_request() -> tuple[Any, trio.abc.Stream]:
+    from node.proxy.server import _Exchange
+    from node.server.http import new_connection
+
+    client, server = trio.testing.memory_stream_pair()
+    conn = new_connection()
+    conn.receive_data(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    while not isinstance(conn.next_event(), h11.EndOfMessage):
+        pass
+    return _Exchange(server, conn), client
+
+
+async def test_a_client_closing_after_a_complete_answer_is_no_disconnect() -> None:
+    exchange, client = await _exchange_after_a_request()
+    await exchange.start_stream(b"data: [DONE]\n\n", end=True)
+    assert exchange.finished
+    await client.aclose()
+    with trio.CancelScope() as scope:
+        await exchange.watch_disconnect(scope)
+    assert not exchange.disconnected
+    assert not scope.cancel_called
+
+
+async def test_a_client_closing_mid_answer_is_a_disconnect() -> None:
+    exchange, client = await _exchange_after_a_request()
+    await exchange.start_stream(b"data: {}\n\n")
+    await client.aclose()
+    with trio.CancelScope() as scope:
+        await exchange.watch_disconnect(scope)
+    assert exchange.disconnected
+    assert scope.cancel_called
