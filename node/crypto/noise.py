@@ -370,8 +370,7 @@ class TransportCipher:
     def encrypt(self, plaintext: bytes | bytearray, ad: bytes = b"") -> bytes:
         cipher = self._cipher
         k, n = cipher.k, cipher.n
-        if k is None:
-            raise NoiseStateError("no transport key")
+        assert k is not None  # a TransportCipher is always made with a key
         if self.rotate_every is None and len(plaintext) + TAGLEN > MAX_MESSAGE_LEN:
             raise NoiseMessageLengthError("Noise transport messages are at most 65535 bytes")
         if n >= MAX_NONCE:

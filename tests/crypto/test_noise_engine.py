@@ -286,3 +286,16 @@ def test_a_failed_handshake_leaves_the_callers_static_key_alone() -> None:
     assert init.e is not None
     assert init.e.private.wiped  # the ephemeral key is the handshake's own
     assert not client_static.private.wiped  # the static key is the caller's
+
+
+def test_transport_nonce_exhaustion_and_use_after_wipe() -> None:
+    plain = TransportCipher(SecretBytes(KEY), SecretBytes(KEY), None)
+    plain._cipher.n = MAX_NONCE
+    with pytest.raises(NonceExhausted):
+        plain.encrypt(b"x")
+    with pytest.raises(NonceExhausted):
+        plain.decrypt(bytes(17))
+    plain._cipher.n = 0
+    plain.wipe()
+    with pytest.raises(ValueError, match="wiped"):
+        plain.encrypt(b"x")

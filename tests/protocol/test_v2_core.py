@@ -871,3 +871,14 @@ def test_chunk_fast_path_writes_the_canonical_json(text: str, request_id: str) -
     assert body == r.dump_json(
         {"type": "chunk", "request_id": request_id, "text": text, "tokens": 7}
     )
+
+
+def test_client_checks_the_acknowledged_address() -> None:
+    server, client, _ = handshake()
+    client.session(TERMS, PrivateKey())  # not delivered: the node's first record is forged
+    ack = server._data(
+        {"type": "session_ack", "session_id": "x", "client_address": "0x" + "22" * 20, "model": "m"}
+    )
+    with pytest.raises(V2ClientError) as info:
+        client.receive(ack)
+    assert info.value.code == "UNEXPECTED_FRAME"

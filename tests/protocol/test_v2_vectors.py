@@ -117,3 +117,36 @@ def test_signature_matches_an_independent_ethereum_library(transcript: dict[str,
     assert signer == session["wallet_address"]
     signed = account.Account.sign_message(message, "0x" + session["wallet_private_key"])
     assert "0x" + signed.signature.hex().removeprefix("0x") == session["signature"]
+
+
+def test_the_document_names_only_real_error_codes() -> None:
+    from node.crypto.errors import ErrorCode
+    from node.protocol.v2 import client as v2client
+
+    client_codes = {
+        value
+        for name, value in vars(v2client).items()
+        if name.isupper() and isinstance(value, str) and value.isupper()
+    }
+    known = {c.value for c in ErrorCode} | client_codes | set(r.RECORD_NAMES.values())
+    named = set(re.findall(r"`([A-Z][A-Z_]{4,})`", DOC))
+    assert named
+    assert named <= known, f"unknown codes in PROTOCOL_V2.md: {sorted(named - known)}"
+    assert client_codes <= named
+
+
+def test_the_close_codes_table_matches_the_server() -> None:
+    from node.protocol.errors import CLOSE_MESSAGE_TOO_BIG, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION
+    from node.protocol.v2.server import CLOSE_UNSUPPORTED_DATA
+
+    section = DOC[DOC.index("### 6.1 Close codes") : DOC.index("## 7. Limits")]
+    rows = set(re.findall(r"^\| (\d{4}) \|", section, re.M))
+    assert {
+        str(c)
+        for c in (
+            CLOSE_NORMAL,
+            CLOSE_UNSUPPORTED_DATA,
+            CLOSE_POLICY_VIOLATION,
+            CLOSE_MESSAGE_TOO_BIG,
+        )
+    } <= rows

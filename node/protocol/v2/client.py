@@ -150,6 +150,7 @@ class ClientConnectionV2:
         self.state = "new"  # -> "handshake" -> "session" -> "ready" -> "closed"
         self.handshake_hash: bytes | None = None
         self.session_sent = False
+        self._signed_as = ""
         self.open_requests: set[str] = set()
         self.goodbye_received = False
 
@@ -231,6 +232,7 @@ class ClientConnectionV2:
             raise RuntimeError("the session record is sent once, right after the handshake")
         frame = self._record(r.DATA, session_record_object(terms, address, signature))
         self.session_sent = True
+        self._signed_as = address
         return frame
 
     def request(self, request_id: str, **fields: Any) -> bytes:
@@ -307,12 +309,15 @@ class ClientConnectionV2:
     def _on_data(self, obj: dict[str, Any]) -> Event:
         kind = obj.get("type")
         if kind == "session_ack" and self.state == "session" and self.session_sent:
-            self.state = "ready"
-            return SessionAccepted(
+            accepted = SessionAccepted(
                 _str(obj, "session_id", 256),
                 _str(obj, "client_address", 64),
                 _str(obj, "model", 256),
             )
+            if accepted.client_address.lower() != self._signed_as.lower():
+                self._die(UNEXPECTED_FRAME, "the node accepted the session for another address")
+            self.state = "ready"
+            return accepted
         if kind == "pong":
             return Pong()
         if kind == "chunk":
