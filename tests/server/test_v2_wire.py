@@ -9,6 +9,7 @@ duplicated records (each closes 1008 and wipes the connection's keys).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -379,4 +380,35 @@ async def test_idle_timeout_says_goodbye(autojump_clock: trio.testing.MockClock)
     await node.wait_no_connections()
     [(_, reason)] = node.accounting.ended
     assert reason == "idle_timeout"
+    assert all_zero(node)
+
+
+async def test_a_bug_closes_only_its_v2_connection(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.protocol.v2 import ServerConnectionV2
+
+    real_receive = ServerConnectionV2.receive
+    calls = {"n": 0}
+
+    def receive(self: ServerConnectionV2, frame: bytes | bytearray) -> Any:
+        if self.session is not None and self.session.job_id == 666:
+            calls["n"] += 1
+            raise RuntimeError("a bug in the v2 core")
+        return real_receive(self, frame)
+
+    monkeypatch.setattr(ServerConnectionV2, "receive", receive)
+    port = node.port or 0
+    with trio.fail_after(GUARD_S):
+        async with raw_v2(port, HOST_PUB) as bystander, raw_v2(port, HOST_PUB) as victim:
+            await bystander.open_session()
+            await victim.open_session(terms(job_id=666))
+            await victim.send(victim.conn.ping())
+            code, frames = await victim.wait_closed()
+            await bystander.send(bystander.conn.ping())
+            assert await bystander.events() == [Pong()]
+    assert (code, frames) == (1011, [])
+    assert calls["n"] == 1
+    assert node.ctx.metrics.errors["INTERNAL_ERROR"] == 1
+    await node.wait_no_connections()
     assert all_zero(node)
