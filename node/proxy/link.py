@@ -9,7 +9,8 @@ node's last frames before the session goes back to the pool.
 Sessions: one WebSocket connection per session, one request at a time on each (the
 protocol allows no more). At most ``max_concurrency`` run at once; further requests
 wait in a FIFO queue (``max_queue`` of them; more get :class:`QueueFull`). Idle sessions
-are kept per model and reused; an idle one older than ``idle_ttl_s`` is closed instead
+are kept per model and reused, at most ``max_concurrency`` of them in all (the one idle
+longest is closed first); an idle one older than ``idle_ttl_s`` is closed instead
 (the node closes idle connections after its own timeout). Which protocol is spoken
 (``v2``, or ``v1`` when allowed) is the link's ``protocol``
 attribute, chosen by :func:`choose_protocol`.
@@ -374,6 +375,13 @@ class SessionPool:
             lease.closing.set()
             return
         lease.idle_since = trio.current_time()
+        if self.idle_sessions >= self.max_concurrency:
+            # Model names come from clients: keep at most max_concurrency idle sessions
+            # in all, closing the one idle longest.
+            oldest = min(
+                (idle for idle in self._idle.values() if idle), key=lambda v: v[0].idle_since
+            )
+            oldest.pop(0).closing.set()
         self._idle[lease.model].append(lease)
         self._returned.set()
         self._returned = trio.Event()

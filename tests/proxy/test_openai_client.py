@@ -456,3 +456,20 @@ async def test_a_fully_idle_pool_session_is_replaced_after_its_ttl() -> None:
             await stack.call(lambda: client.chat.completions.create(**ask))  # type: ignore[call-overload]
             opened = stack.pool.sessions_opened
     assert opened == 2
+
+
+async def test_idle_sessions_stay_bounded_whatever_model_names_clients_send() -> None:
+    with trio.fail_after(30):
+        async with proxy_stack(max_concurrency=2) as stack:
+            client = stack.openai_client()
+            for name in ("echo", "a", "b", "c"):  # the echo backend serves any name
+                reply = await stack.call(
+                    lambda name=name: client.chat.completions.create(
+                        model=name, messages=[{"role": "user", "content": "hi"}]
+                    )
+                )
+                assert reply.model == name
+            opened = stack.pool.sessions_opened
+            idle = stack.pool.idle_sessions
+    assert opened == 4  # one session per model name
+    assert idle == 2  # but no more idle sessions than --max-concurrency
