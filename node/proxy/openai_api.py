@@ -180,12 +180,12 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
         where = f"messages[{i}]"
         if not isinstance(item, dict):
             raise _bad(f"'{where}' must be an object with role and content", where)
-        for key, field in item.items():
-            if key in ("role", "content") or (key == "name" and isinstance(field, str)):
+        for field_name, field in item.items():
+            if field_name in ("role", "content"):
                 continue
-            if field is None:
+            if field is None or (field_name == "name" and isinstance(field, str)):
                 continue
-            raise _unsupported(f"{where}.{key[:64]}")
+            raise _unsupported(f"{where}.{field_name[:64]}")
         role = item.get("role")
         if role not in _ROLES:
             raise _bad(
@@ -246,9 +246,9 @@ def _common(obj: Mapping[str, Any], kind: str) -> dict[str, Any]:
             raise _bad("'stream_options' is only allowed with stream: true", "stream_options")
         if not isinstance(options, dict):
             raise _bad("'stream_options' must be an object", "stream_options")
-        for key, value in options.items():
-            if key != "include_usage" or not isinstance(value, bool):
-                raise _unsupported(f"stream_options.{key[:64]}")
+        for option, value in options.items():
+            if option != "include_usage" or not isinstance(value, bool):
+                raise _unsupported(f"stream_options.{option[:64]}")
             include_usage = value
     if "user" in obj:
         _text(obj["user"], "user")

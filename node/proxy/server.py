@@ -15,7 +15,6 @@ request is cancelled on the node at once. Nothing of a request's content is logg
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import logging
@@ -30,6 +29,7 @@ import trio
 
 from node import __version__
 from node.client import ClientError
+from node.crypto.secret import constant_time_equal
 from node.proxy.link import NodeLink, QueueFull
 from node.proxy.openai_api import (
     SSE_DONE,
@@ -217,7 +217,7 @@ class ProxyServer:
             return
         given = request.headers.get("authorization", "")
         expected = ("Bearer " + key).encode("utf-8")
-        if not hmac.compare_digest(given.encode("latin-1"), expected):
+        if not constant_time_equal(given.encode("latin-1"), expected):
             raise ApiError(
                 401,
                 "missing or wrong API key (send Authorization: Bearer <key>)",
