@@ -25,6 +25,7 @@ from node.server.http import (
     read_request,
     write_response,
 )
+from node.server.remote import parse_trusted_proxies, remote_address
 
 log = logging.getLogger("node.server")
 
@@ -37,7 +38,8 @@ def build_router(ctx: NodeContext) -> Router:
     router = Router()
 
     async def health(_: HttpRequest) -> HttpResponse:
-        ready = await ctx.backend.ready()
+        # Liveness: answers at once, also while the model loads (then "ready" is false).
+        ready = False if ctx.backend_loading else await ctx.backend.ready()
         return HttpResponse.json(
             200,
             {
@@ -49,6 +51,19 @@ def build_router(ctx: NodeContext) -> Router:
                 "version": __version__,
             },
         )
+
+    async def ready(_: HttpRequest) -> HttpResponse:
+        # Readiness: 503 while the backend loads, when it cannot serve, and from the
+        # moment shutdown starts (the node drains its connections while it still answers).
+        if ctx.shutting_down:
+            return HttpResponse.json(503, {"ready": False, "status": "shutting_down"})
+        if ctx.backend_loading:
+            return HttpResponse.json(503, {"ready": False, "status": "loading"})
+        if not ctx.backend_loaded:
+            ctx.backend_loaded = await ctx.backend.ready()
+            if not ctx.backend_loaded:
+                return HttpResponse.json(503, {"ready": False, "status": "backend_not_ready"})
+        return HttpResponse.json(200, {"ready": True, "status": "ok"})
 
     async def version(_: HttpRequest) -> HttpResponse:
         features = ["websocket", "streaming", "stream-cancel", "usage-receipts"]
@@ -104,10 +119,9 @@ def build_router(ctx: NodeContext) -> Router:
         signature = key.sign_challenge(data)
         return HttpResponse.json(200, {"signature": signature[:64].hex(), "recid": signature[64]})
 
-    async def metrics(_: HttpRequest) -> HttpResponse:
-        return HttpResponse(
-            200, ctx.metrics.render().encode(), content_type="text/plain; version=0.0.4"
-        )
+    async def metrics(request: HttpRequest) -> HttpResponse:
+        body, content_type = ctx.metrics.exposition(request.headers.get("accept"))
+        return HttpResponse(200, body, content_type=content_type)
 
     async def ws_without_upgrade(_: HttpRequest) -> HttpResponse:
         return HttpResponse.error(
@@ -116,6 +130,8 @@ def build_router(ctx: NodeContext) -> Router:
 
     router.add("GET", "/health", health)
     router.add("GET", "/v1/health", health)
+    router.add("GET", "/ready", ready)
+    router.add("GET", "/v1/ready", ready)
     router.add("GET", "/v1/version", version)
     router.add("GET", "/v1/models", models)
     router.add("GET", "/v1/host-key", host_key)
@@ -132,6 +148,7 @@ class NodeServer:
         self.ctx = ctx
         self.router = build_router(ctx)
         self._pending_upgrades = 0
+        self._trusted = parse_trusted_proxies(",".join(ctx.config.trusted_proxies))
         ctx.metrics.live_states = ctx.live_states
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
@@ -147,7 +164,7 @@ class NodeServer:
             try:
                 got = await read_request(stream, conn)
             except HttpError as exc:
-                self.ctx.metrics.http_requests[str(exc.response.status)] += 1
+                self.ctx.metrics.http_answered(exc.response.status)
                 await _quiet(write_response(stream, conn, exc.response))
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -156,26 +173,33 @@ class NodeServer:
                 return
             request, raw = got
             if request.path == WS_PATH and request.is_websocket_upgrade():
-                await self._websocket(ReplayStream(raw, stream), stream, conn)
+                remote = remote_address(
+                    _peer(stream), request.headers.get("x-forwarded-for"), self._trusted
+                )
+                await self._websocket(ReplayStream(raw, stream), stream, conn, remote)
                 return
             try:
                 response = await self.router.dispatch(request)
             except Exception as exc:
                 log.error("HTTP handler failed", extra={"error_type": type(exc).__name__})
                 response = HttpResponse.error(500, "internal error")
-            self.ctx.metrics.http_requests[str(response.status)] += 1
+            self.ctx.metrics.http_answered(response.status)
             head = request.method == "HEAD"
             await _quiet(write_response(stream, conn, response, head=head))
 
     async def _websocket(
-        self, replay: ReplayStream, raw_stream: trio.abc.Stream, conn: Any
+        self,
+        replay: ReplayStream,
+        raw_stream: trio.abc.Stream,
+        conn: Any,
+        remote: str | None = None,
     ) -> None:
         ctx = self.ctx
         if ctx.shutting_down:
             await _quiet(write_response(raw_stream, conn, HttpResponse.error(503, "shutting down")))
             return
         if len(ctx.drivers) + self._pending_upgrades >= ctx.config.max_connections:
-            ctx.metrics.connections_refused += 1
+            ctx.metrics.connection_refused()
             await _quiet(
                 write_response(
                     raw_stream, conn, HttpResponse.error(503, "too many connections; retry later")
@@ -207,7 +231,7 @@ class NodeServer:
                 finally:
                     self._pending_upgrades -= 1
                 if ws is not None:
-                    await ConnectionDriver(ctx, ws, connection_id).run()
+                    await ConnectionDriver(ctx, ws, connection_id, remote).run()
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One connection failing must never take the node down. trio-websocket's reader
@@ -242,32 +266,45 @@ class NodeServer:
                 )
                 task_status.started(listeners)
                 await shutdown.wait()
+                # From here /ready says 503 and upgrades get 503; the listener keeps
+                # answering HTTP while the open connections drain.
+                ctx.shutting_down = True
+                log.info("shutting down", extra={"connections": len(ctx.drivers)})
+                for driver in list(ctx.drivers):
+                    driver.shutdown()
+                if ctx.drivers:
+                    with trio.move_on_after(ctx.config.shutdown_grace_s):
+                        await ctx.all_closed.wait()
                 acceptor.cancel_scope.cancel()
-            ctx.shutting_down = True
-            log.info("shutting down", extra={"connections": len(ctx.drivers)})
-            for driver in list(ctx.drivers):
-                driver.shutdown()
-            if ctx.drivers:
-                with trio.move_on_after(ctx.config.shutdown_grace_s):
-                    await ctx.all_closed.wait()
             connections.cancel_scope.cancel()
         for key_holder in list(ctx.drivers):  # pragma: no cover - defensive
             key_holder.state.close("shutdown")
 
 
-async def open_listeners(
-    host: str, port: int, *, reuse_port: bool = False
-) -> list[trio.SocketListener]:
-    """TCP listeners; with ``reuse_port`` several worker processes can share the port."""
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """The TCP listener of a single-process node (workers get theirs from the parent).
+
+    No ``SO_REUSEPORT``: a second node on the same port fails with "Address already in use".
+    """
     sock = trio.socket.socket(
         trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
     )
     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
     await sock.bind((host, port))
     sock.listen(1024)
     return [trio.SocketListener(sock)]
+
+
+def _peer(stream: trio.abc.Stream) -> str | None:
+    """The IP address of a socket stream's peer (None for other streams)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return None
+    return str(name[0]) if isinstance(name, tuple) else None
 
 
 def _leaf_types(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Final
 
@@ -155,10 +156,17 @@ def _wire_error(exc: NodeError) -> NodeError:
 class ConnectionDriver:
     """Runs one WebSocket connection: reader loop, request task, chunk sender."""
 
-    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        ws: WebSocketConnection,
+        connection_id: int,
+        remote: str | None = None,
+    ) -> None:
         self.ctx = ctx
         self.ws = ws
         self.id = connection_id
+        self.remote = remote  # the client's IP address (see node.server.remote)
         extra = {} if ctx.rng is None else {"rng": ctx.rng}
         self.state = ConnectionState(
             host_key=ctx.host_key,
@@ -183,9 +191,8 @@ class ConnectionDriver:
     async def run(self) -> None:
         ctx = self.ctx
         ctx.drivers.add(self)
-        ctx.metrics.connections_total += 1
-        ctx.metrics.connections_open += 1
-        log.debug("connection opened", extra=self._log_extra)
+        ctx.metrics.connection_opened()
+        log.debug("connection opened", extra={**self._log_extra, "remote": self.remote})
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -199,7 +206,7 @@ class ConnectionDriver:
             # Keys die with this scope, whatever ended it.
             ended = self.state.close(self.end_reason)
             ctx.drivers.discard(self)
-            ctx.metrics.connections_open -= 1
+            ctx.metrics.connection_closed()
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(SETTLE_TIMEOUT_S):
                     for event in ended:
@@ -258,7 +265,7 @@ class ConnectionDriver:
                 extra={**self._log_extra, "error_type": type(exc).__name__},
             )
             self.end_reason = "error"
-            self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
+            self.ctx.metrics.error_sent(ErrorCode.INTERNAL_ERROR.value)
             with contextlib.suppress(ConnectionClosed):
                 await self.ws.send_message(
                     encode(
@@ -275,7 +282,7 @@ class ConnectionDriver:
         state = self.state
         metrics = self.ctx.metrics
         if isinstance(frame, bytes):
-            metrics.messages["binary"] += 1
+            metrics.message("binary")
             error = ProtocolError(
                 ErrorCode.INVALID_MESSAGE, "binary frames are not supported; send JSON text"
             )
@@ -283,10 +290,10 @@ class ConnectionDriver:
         try:
             message = decode(frame)
         except ProtocolError as exc:
-            metrics.messages["invalid"] += 1
+            metrics.message("invalid")
             return await self._execute(state.reject(exc, request_id_of(frame)))
         kind = type(message).__name__
-        metrics.messages[kind] += 1
+        metrics.message(kind)
         if isinstance(message, EncryptedSessionInit | SessionInit):
             started = time.perf_counter()
             actions = state.receive(message)
@@ -294,11 +301,12 @@ class ConnectionDriver:
             for action in actions:
                 if isinstance(action, Send):
                     if isinstance(action.message, SessionInitAck):
-                        metrics.inits_accepted[mode] += 1
-                        if mode == "encrypted":
-                            metrics.init_latency.observe(time.perf_counter() - started)
+                        metrics.init_accepted(
+                            mode,
+                            time.perf_counter() - started if mode == "encrypted" else None,
+                        )
                     elif isinstance(action.message, ErrorMessage):
-                        metrics.inits_refused[action.message.code] += 1
+                        metrics.init_refused(action.message.code)
         else:
             actions = state.receive(message)
         return await self._execute(actions)
@@ -320,7 +328,21 @@ class ConnectionDriver:
                 await self._close(action.code, action.reason)
                 keep_going = False
             elif isinstance(action, SessionStarted):
-                await self.ctx.accounting.session_started(action.session)
+                session = action.session
+                # Who: the remote address and the client's Ethereum address (never keys
+                # or text).
+                log.info(
+                    "session started",
+                    extra={
+                        **self._log_extra,
+                        "session": session.session_id,
+                        "encrypted": session.encrypted,
+                        "client": session.client_address,
+                        "remote": self.remote,
+                        "pid": os.getpid(),  # which worker, with --workers
+                    },
+                )
+                await self.ctx.accounting.session_started(session)
             elif isinstance(action, SessionEnded):
                 await self.ctx.accounting.session_ended(action.session, action.reason)
             elif isinstance(action, PlaintextDeprecated):
@@ -375,7 +397,7 @@ class ConnectionDriver:
             usage = GenerationResult(finish, prompt_tokens, delivered, estimated)
             accounted = True
             await ctx.accounting.request_finished(session, action.request_id, usage)
-            ctx.metrics.requests[finish] += 1
+            ctx.metrics.request_finished(finish)
             if state.active is None:
                 return  # the connection was closed underneath us
             if error is not None:
@@ -405,7 +427,7 @@ class ConnectionDriver:
                             "cancelled", emit.prompt_tokens, delivered, emit.prompt_estimated
                         ),
                     )
-                ctx.metrics.requests["cancelled"] += 1
+                ctx.metrics.request_finished("cancelled")
 
     async def _encrypting_sender(
         self, receive_channel: trio.MemoryReceiveChannel[Piece], scope: trio.CancelScope
@@ -450,20 +472,19 @@ class ConnectionDriver:
                         except ConnectionClosed:
                             scope.cancel()  # nobody is listening: stop the model
                             return
-                        metrics.chunks += 1
-                        metrics.tokens += part_tokens
+                        metrics.chunk_sent(part_tokens)
 
     # ------------------------------------------------------------- output
 
     async def _send(self, message: OutboundMessage) -> None:
         if isinstance(message, ErrorMessage):
-            self.ctx.metrics.errors[message.code] += 1
+            self.ctx.metrics.error_sent(message.code)
             log.info(
                 "error sent",
                 extra={**self._log_extra, "code": message.code, "session": message.session_id},
             )
         elif isinstance(message, EncryptedChunk | StreamChunk):
-            self.ctx.metrics.chunks += 1
+            self.ctx.metrics.chunk_sent()
         await self.ws.send_message(encode(message))
 
     async def _close(self, code: int, reason: str) -> None:

@@ -90,7 +90,13 @@ _V2 = (
     "CREATE INDEX submissions_by_status ON submissions (status)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # The process that opened the session: when one worker of a multi-worker node dies,
+    # the parent writes receipts for that worker's open sessions only.
+    "ALTER TABLE sessions ADD COLUMN owner_pid INTEGER",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 LATEST_VERSION = len(MIGRATIONS)
 
 
