@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,6 +34,7 @@ from trio_websocket import (
 from node.client import frames
 from node.client.discovery import (
     HostIdentity,
+    connection_failure_cause,
     discover_host_key,
     identity_from_public_key,
     websocket_url,
@@ -640,6 +642,7 @@ async def open_session(
     chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT_S,
     rng: Callable[[int], bytes] = os.urandom,
     websocket: WebSocketConnection | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[ClientSession]:
     """Connect to a node and open one session on it.
 
@@ -650,6 +653,8 @@ async def open_session(
     ``client_key`` signs the init (a fresh random key when None). ``websocket`` is an
     already-open connection to use instead of connecting to ``url`` (custom transports,
     tests over memory streams); the caller stays responsible for closing it.
+    ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's trust store;
+    see :func:`~node.client.discovery.tls_context` for a private CA).
     """
     job_text = _decimal_text(job_id, "job_id")
     session_text = job_text if session_id is None else _decimal_text(session_id, "session_id")
@@ -660,7 +665,11 @@ async def open_session(
     if encrypted:
         if host_public_key is None:
             host = await discover_host_key(
-                url, expected_address=expected_host_address, timeout_s=connect_timeout, rng=rng
+                url,
+                expected_address=expected_host_address,
+                timeout_s=connect_timeout,
+                rng=rng,
+                ssl_context=ssl_context,
             )
         else:
             host = identity_from_public_key(host_public_key, expected_address=expected_host_address)
@@ -669,7 +678,7 @@ async def open_session(
         if websocket is not None:
             ws = websocket
         else:
-            ws = await _connect(stack, ws_url, connect_timeout)
+            ws = await _connect(stack, ws_url, connect_timeout, ssl_context)
         session = ClientSession(
             ws,
             ws_url=ws_url,
@@ -692,7 +701,12 @@ async def open_session(
         yield session
 
 
-async def _connect(stack: AsyncExitStack, ws_url: str, timeout_s: float) -> WebSocketConnection:
+async def _connect(
+    stack: AsyncExitStack,
+    ws_url: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WebSocketConnection:
     opened: list[WebSocketConnection] = []
     # Runs after the WebSocket's own exit (exit callbacks run last-in, first-out).
     stack.push_async_callback(_close_transport, opened)
@@ -700,6 +714,7 @@ async def _connect(stack: AsyncExitStack, ws_url: str, timeout_s: float) -> WebS
         ws: WebSocketConnection = await stack.enter_async_context(
             open_websocket_url(
                 ws_url,
+                ssl_context=ssl_context,
                 max_message_size=MAX_FRAME_BYTES,
                 connect_timeout=timeout_s,
                 disconnect_timeout=timeout_s,
@@ -711,8 +726,9 @@ async def _connect(stack: AsyncExitStack, ws_url: str, timeout_s: float) -> WebS
         ) from None
     except HandshakeError as exc:
         raise ConnectFailed(f"cannot open a WebSocket to {ws_url}") from exc
-    except OSError as exc:
-        raise ConnectFailed(f"cannot connect to {ws_url}: {exc.strerror or exc}") from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        cause = connection_failure_cause(exc)
+        raise ConnectFailed(f"cannot connect to {ws_url}: {cause}") from None
     opened.append(ws)
     return ws
 
