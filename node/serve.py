@@ -165,6 +165,7 @@ async def _run_node(
             # and promote to a full collection ten times less often than by default.
             gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
     finally:
+        ctx.metrics.refresh_live()  # a worker's last counts reach the shared files
         with trio.CancelScope(shield=True):
             await backend.aclose()
             await accounting.aclose()

@@ -18,7 +18,9 @@ now (mode ``livesum``): the parent deletes a dead worker's gauge files
 
 Gauges that describe live state (sessions, keys) are computed from the connections
 (``live_states``) when this process renders a scrape, and every second in each worker,
-so another worker's share may be up to a second old.
+so another worker's share may be up to a second old. The same holds for the per-frame
+counters (chunks, tokens, inbound messages), which stay plain integers on the hot path
+(a prometheus-client increment costs over a microsecond, a frame a few tens).
 """
 
 from __future__ import annotations
@@ -148,8 +150,12 @@ class NodeMetrics:
             "Worker processes restarted after an unexpected exit (--workers).",
             registry=reg,
         )
-        # labels() takes a lock and a dict lookup: keep the children of hot labels.
-        self._message_children: dict[str, PromCounter] = {}
+        # The per-frame counters (chunks, tokens, inbound messages) are plain integers
+        # on the hot path and reach prometheus-client in :meth:`publish`: at each scrape
+        # this process answers, and every second in a worker.
+        self._published_chunks = 0
+        self._published_tokens = 0
+        self._published_messages: Counter[str] = Counter()
 
     # -- updates ---------------------------------------------------------------------
 
@@ -179,10 +185,6 @@ class NodeMetrics:
 
     def message(self, kind: str) -> None:
         self.messages[kind] += 1
-        child = self._message_children.get(kind)
-        if child is None:
-            child = self._message_children[kind] = self._messages.labels(kind)
-        child.inc()
 
     def request_finished(self, finish_reason: str) -> None:
         self.requests[finish_reason] += 1
@@ -194,10 +196,7 @@ class NodeMetrics:
 
     def chunk_sent(self, tokens: int = 0) -> None:
         self.chunks += 1
-        self._chunks.inc()
-        if tokens:
-            self.tokens += tokens
-            self._tokens.inc(tokens)
+        self.tokens += tokens
 
     def http_answered(self, status: int) -> None:
         self.http_requests[str(status)] += 1
@@ -208,7 +207,19 @@ class NodeMetrics:
         self._worker_restarts.inc()
 
     def refresh_live(self) -> None:
-        """Set the session and key gauges from the live connections of this process."""
+        """Publish the per-frame counters and set the session and key gauges from the
+        live connections of this process."""
+        if self.chunks != self._published_chunks:
+            self._chunks.inc(self.chunks - self._published_chunks)
+            self._published_chunks = self.chunks
+        if self.tokens != self._published_tokens:
+            self._tokens.inc(self.tokens - self._published_tokens)
+            self._published_tokens = self.tokens
+        for kind, count in self.messages.items():
+            published = self._published_messages[kind]
+            if count != published:
+                self._messages.labels(kind).inc(count - published)
+                self._published_messages[kind] = count
         keys = enc = plain = 0
         for k, e, p in self.live_states():
             keys += k

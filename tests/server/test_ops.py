@@ -242,3 +242,19 @@ def test_metrics_negotiate_openmetrics() -> None:
     body, content_type = metrics.exposition(None)
     assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert b"# EOF" not in body
+
+
+def test_per_frame_counters_are_published_at_each_scrape() -> None:
+    metrics = NodeMetrics()
+    for _ in range(3):
+        metrics.chunk_sent(2)
+        metrics.message("EncryptedMessage")
+    first = metrics.render()
+    assert "llm_node_chunks_total 3.0" in first
+    assert "llm_node_tokens_total 6.0" in first
+    assert 'llm_node_messages_total{type="EncryptedMessage"} 3.0' in first
+    metrics.chunk_sent()
+    second = metrics.render()  # only the difference is added: no double counting
+    assert "llm_node_chunks_total 4.0" in second
+    assert "llm_node_tokens_total 6.0" in second
+    assert 'llm_node_messages_total{type="EncryptedMessage"} 3.0' in second
