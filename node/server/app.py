@@ -269,6 +269,11 @@ class NodeServer:
                 # From here /ready says 503 and upgrades get 503; the listener keeps
                 # answering HTTP while the open connections drain.
                 ctx.shutting_down = True
+                # One scheduler pass first, as before this drain kept the listener open:
+                # a chunk that is being sealed and sent right now leaves before its
+                # request is cancelled (a cancel between sealing and sending would leave
+                # a gap in the chunk indices the client sees).
+                await trio.lowlevel.checkpoint()
                 log.info("shutting down", extra={"connections": len(ctx.drivers)})
                 for driver in list(ctx.drivers):
                     driver.shutdown()

@@ -203,6 +203,7 @@ class ConnectionDriver:
                     pass
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             # Keys die with this scope, whatever ended it.
             ended = self.state.close(self.end_reason)
             ctx.drivers.discard(self)
@@ -501,4 +502,7 @@ class ConnectionDriver:
             if self._request_scope is not None:
                 self._request_scope.cancel()
         elif self._nursery is not None:
-            self._nursery.start_soon(self._close, CLOSE_GOING_AWAY, "server shutdown")
+            # The connection may be ending on its own at this very moment (its nursery
+            # closed, its finally not yet run): then there is nothing left to close.
+            with contextlib.suppress(RuntimeError):
+                self._nursery.start_soon(self._close, CLOSE_GOING_AWAY, "server shutdown")

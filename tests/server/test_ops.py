@@ -258,3 +258,17 @@ def test_per_frame_counters_are_published_at_each_scrape() -> None:
     assert "llm_node_chunks_total 4.0" in second
     assert "llm_node_tokens_total 6.0" in second
     assert 'llm_node_messages_total{type="EncryptedMessage"} 3.0' in second
+
+
+async def test_shutdown_of_a_connection_that_is_ending_on_its_own_is_harmless() -> None:
+    from node.server.driver import ConnectionDriver
+    from tests.server._support import build_node
+
+    node = build_node()
+    driver = ConnectionDriver(node.ctx, ws=None, connection_id=1)  # type: ignore[arg-type]
+    async with trio.open_nursery() as finished:
+        pass
+    driver._nursery = finished  # closed to new tasks, as in the moment before its finally
+    driver.shutdown()  # must not raise "Nursery is closed to new arrivals"
+    assert driver.closing
+    assert driver.end_reason == "shutdown"
