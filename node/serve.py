@@ -304,10 +304,15 @@ class _Supervisor:
     """The parent of ``--workers N``: starts, watches and restarts the workers."""
 
     def __init__(
-        self, config: NodeConfig, listen_socket: socket.socket, metrics: NodeMetrics
+        self,
+        config: NodeConfig,
+        listen_socket: socket.socket,
+        metrics: NodeMetrics,
+        target: Any = None,
     ) -> None:
         import multiprocessing
 
+        self.target = _worker_main if target is None else target  # tests pass their own
         self.config = config
         self.listen_socket = listen_socket
         self.metrics = metrics
@@ -323,7 +328,7 @@ class _Supervisor:
 
     def start(self, index: int) -> None:
         proc = self.mp.Process(
-            target=_worker_main,
+            target=self.target,
             args=(self.config, index, self.listen_socket),
             name=f"llm-node-worker-{index}",
         )

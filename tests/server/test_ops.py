@@ -272,3 +272,27 @@ async def test_shutdown_of_a_connection_that_is_ending_on_its_own_is_harmless() 
     driver.shutdown()  # must not raise "Nursery is closed to new arrivals"
     assert driver.closing
     assert driver.end_reason == "shutdown"
+
+
+def _dies_at_once(config: NodeConfig, index: int, listen_socket: object) -> None:
+    raise SystemExit(3)  # a worker that cannot stay up (runs in a spawned process)
+
+
+@pytest.mark.slow
+def test_workers_that_keep_dying_stop_the_node_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.serve import _Supervisor, bind_listen_socket
+
+    config = NodeConfig(backend="echo", workers=1, ledger_path=str(tmp_path / "l.sqlite3"))
+    sock = bind_listen_socket("127.0.0.1", 0)
+    metrics = NodeMetrics()
+    try:
+        supervisor = _Supervisor(config, sock, metrics, target=_dies_at_once)
+        supervisor.policy = RestartPolicy(backoff_s=0.01, backoff_max_s=0.02, limit=2)
+        assert supervisor.run() == 1
+    finally:
+        sock.close()
+    err = capsys.readouterr().err
+    assert "error: worker 0 exited unexpectedly (exit code 3); more than 2 worker exits" in err
+    assert metrics.worker_restarts == 2
