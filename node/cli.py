@@ -238,6 +238,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--trusted-proxies",
         "comma-separated proxy addresses or networks whose X-Forwarded-For is believed",
     )
+    add(
+        "--protocols",
+        "WebSocket protocols to serve, comma separated: v1 (/v1/ws), v2 (/v2/ws, needs "
+        "the host key)",
+        "v1,v2",
+    )
     add("--ledger", "SQLite ledger path (unset: the data directory's ledger.sqlite3)")
     add("--workers", "processes sharing the port", 1, type=_positive_int)
     add("--shutdown-grace", "seconds open connections get to finish at shutdown", 5,
@@ -324,6 +330,21 @@ def parse_addresses(text: str) -> frozenset[str]:
     return frozenset(out)
 
 
+KNOWN_PROTOCOLS = ("v1", "v2")
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """``v1,v2`` -> ("v1", "v2"): known names, no repeats, at least one, in that order."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in KNOWN_PROTOCOLS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"--protocols {text[:40]!r} is not a list of protocols (comma separated, each "
+            "once: v1, v2)"
+        )
+    return tuple(p for p in KNOWN_PROTOCOLS if p in names)
+
+
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """The node's settings; ValueError naming the flag or variable of a bad value."""
 
@@ -339,6 +360,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     model_map = checked("upstream_model_map", "--upstream-model-map", parse_model_map) or {}
     allowed = checked("allowed_clients", "--allowed-clients", parse_addresses)
     proxies = checked("trusted_proxies", "--trusted-proxies", _proxy_list) or ()
+    protocols_text = args.protocols
+    try:
+        protocols = parse_protocols(protocols_text)
+    except ValueError as exc:
+        if isinstance(protocols_text, FromEnv):
+            raise ValueError(f"{protocols_text.env}: {exc}") from None
+        raise
     # Plain values from here on (the settings travel to worker processes).
     args = argparse.Namespace(
         **{k: str(v) if isinstance(v, FromEnv) else v for k, v in vars(args).items()}
@@ -372,6 +400,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         allowed_clients=allowed,
         trusted_proxies=proxies,
         ledger_path=args.ledger,
+        protocols=protocols,
         workers=args.workers,
         shutdown_grace_s=args.shutdown_grace,
         log_level=args.log_level,

@@ -84,7 +84,7 @@ async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> N
 async def _refresh_metrics(metrics: NodeMetrics) -> None:
     # Another worker may answer the scrape: publish this one's live gauges regularly.
     while True:
-        metrics.refresh_live()
+        metrics.publish()
         await trio.sleep(METRICS_REFRESH_S)
 
 
@@ -145,7 +145,7 @@ async def _run_node(
             # HTTP answers from the start (/health, /ready says 503) while the model loads.
             ctx.backend_loading = True
             await nursery.start(run_server)
-            _log_listening(listeners, host_key)
+            _log_listening(listeners, host_key, ctx.protocols())
             log.info("loading backend", extra={"backend": backend.name})
             ready = await backend.ready()
             ctx.backend_loaded = ready
@@ -165,7 +165,7 @@ async def _run_node(
             # and promote to a full collection ten times less often than by default.
             gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
     finally:
-        ctx.metrics.refresh_live()  # a worker's last counts reach the shared files
+        ctx.metrics.publish()  # a worker's last counts reach the shared files
         with trio.CancelScope(shield=True):
             await backend.aclose()
             await accounting.aclose()
@@ -175,15 +175,18 @@ async def _run_node(
         log.info("stopped")
 
 
-def _log_listening(listeners: list[trio.SocketListener], host_key: HostKey | None) -> None:
+def _log_listening(
+    listeners: list[trio.SocketListener], host_key: HostKey | None, protocols: tuple[str, ...]
+) -> None:
     host, port = listeners[0].socket.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info(
-        "listening on http://%s:%d (WebSocket ws://%s:%d/v1/ws), encryption %s%s",
+        "listening on http://%s:%d (WebSocket ws://%s:%d/v1/ws), protocols %s, encryption %s%s",
         shown,
         port,
         shown,
         port,
+        ",".join(protocols),
         "enabled" if host_key else "DISABLED (no HOST_PRIVATE_KEY: plaintext only)",
         f", host public key {host_key.public_key_hex}, address {host_key.address}"
         if host_key
@@ -203,6 +206,11 @@ def _check_config(config: NodeConfig) -> tuple[HostKey | None, Backend]:
         raise ConfigError(exc.message) from None
     if config.require_encryption and host_key is None:
         raise ConfigError("--require-encryption needs HOST_PRIVATE_KEY (run `llm-node keygen`)")
+    if config.protocols == ("v2",) and host_key is None:
+        raise ConfigError(
+            "--protocols v2 needs HOST_PRIVATE_KEY (protocol v2 authenticates the node "
+            "by its host key; run `llm-node keygen`)"
+        )
     try:
         backend = build_backend(config)
     except Exception as exc:
@@ -223,6 +231,13 @@ def _serve_one(config: NodeConfig, listen_socket: socket.socket | None = None) -
         host_key, backend = _check_config(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if config.protocols == ("v2",) and host_key is None:
+        print(
+            "error: --protocols v2 needs HOST_PRIVATE_KEY (protocol v2 authenticates the node "
+            "by its host key; run `llm-node keygen`)",
+            file=sys.stderr,
+        )
         return 2
     try:
         trio.run(run_node, config, host_key, backend, listen_socket)

@@ -15,6 +15,7 @@ from node.crypto.encoding import decode_hex, loads_bounded
 from node.crypto.errors import InvalidHexEncoding
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
+from node.server.driver_v2 import ConnectionDriverV2
 from node.server.http import (
     HttpError,
     HttpRequest,
@@ -30,6 +31,8 @@ from node.server.remote import parse_trusted_proxies, remote_address
 log = logging.getLogger("node.server")
 
 WS_PATH = "/v1/ws"
+WS_V2_PATH = "/v2/ws"
+WS_PATHS = {WS_PATH: "v1", WS_V2_PATH: "v2"}
 HANDSHAKE_TIMEOUT_S = 10.0
 WS_RECEIVE_BUFFER = 65536
 
@@ -52,19 +55,6 @@ def build_router(ctx: NodeContext) -> Router:
             },
         )
 
-    async def ready(_: HttpRequest) -> HttpResponse:
-        # Readiness: 503 while the backend loads, when it cannot serve, and from the
-        # moment shutdown starts (the node drains its connections while it still answers).
-        if ctx.shutting_down:
-            return HttpResponse.json(503, {"ready": False, "status": "shutting_down"})
-        if ctx.backend_loading:
-            return HttpResponse.json(503, {"ready": False, "status": "loading"})
-        if not ctx.backend_loaded:
-            ctx.backend_loaded = await ctx.backend.ready()
-            if not ctx.backend_loaded:
-                return HttpResponse.json(503, {"ready": False, "status": "backend_not_ready"})
-        return HttpResponse.json(200, {"ready": True, "status": "ok"})
-
     async def version(_: HttpRequest) -> HttpResponse:
         features = ["websocket", "streaming", "stream-cancel", "usage-receipts"]
         if ctx.host_key is not None:
@@ -77,6 +67,7 @@ def build_router(ctx: NodeContext) -> Router:
                 "name": "llm-node",
                 "version": __version__,
                 "protocol_version": PROTOCOL_VERSION,
+                "protocols": list(ctx.protocols()),
                 "features": features,
             },
         )
@@ -123,7 +114,23 @@ def build_router(ctx: NodeContext) -> Router:
         body, content_type = ctx.metrics.exposition(request.headers.get("accept"))
         return HttpResponse(200, body, content_type=content_type)
 
-    async def ws_without_upgrade(_: HttpRequest) -> HttpResponse:
+    async def ready(_: HttpRequest) -> HttpResponse:
+        # Readiness: 503 while the backend loads, when it cannot serve, and from the
+        # moment shutdown starts (the node drains its connections while it still answers).
+        if ctx.shutting_down:
+            return HttpResponse.json(503, {"ready": False, "status": "shutting_down"})
+        if ctx.backend_loading:
+            return HttpResponse.json(503, {"ready": False, "status": "loading"})
+        if not ctx.backend_loaded:
+            ctx.backend_loaded = await ctx.backend.ready()
+            if not ctx.backend_loaded:
+                return HttpResponse.json(503, {"ready": False, "status": "backend_not_ready"})
+        return HttpResponse.json(200, {"ready": True, "status": "ok"})
+
+    async def ws_without_upgrade(request: HttpRequest) -> HttpResponse:
+        refused = protocol_refused(ctx, request.path)
+        if refused is not None:
+            return refused
         return HttpResponse.error(
             426, "this path is the WebSocket endpoint", headers=[("upgrade", "websocket")]
         )
@@ -138,7 +145,22 @@ def build_router(ctx: NodeContext) -> Router:
     router.add("POST", "/v1/auth/challenge", challenge)
     router.add("GET", "/metrics", metrics)
     router.add("GET", WS_PATH, ws_without_upgrade)
+    router.add("GET", WS_V2_PATH, ws_without_upgrade)
     return router
+
+
+def protocol_refused(ctx: NodeContext, path: str) -> HttpResponse | None:
+    """An HTTP error when ``path`` is the endpoint of a protocol this node does not serve."""
+    protocol = WS_PATHS[path]
+    served = ctx.protocols()
+    if protocol in served:
+        return None
+    if protocol == "v2" and "v2" in ctx.config.protocols:
+        why = "protocol v2 needs a host key and this node has none (plaintext-only)"
+    else:
+        why = f"protocol {protocol} is disabled on this node (--protocols)"
+    alternatives = ", ".join(f"{p} at /{p}/ws" for p in served) or "none"
+    return HttpResponse.error(403, f"{why}; it serves {alternatives}")
 
 
 class NodeServer:
@@ -164,7 +186,7 @@ class NodeServer:
             try:
                 got = await read_request(stream, conn)
             except HttpError as exc:
-                self.ctx.metrics.http_answered(exc.response.status)
+                self.ctx.metrics.http_requests[str(exc.response.status)] += 1
                 await _quiet(write_response(stream, conn, exc.response))
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -172,18 +194,26 @@ class NodeServer:
             if got is None:
                 return
             request, raw = got
-            if request.path == WS_PATH and request.is_websocket_upgrade():
+            if request.path in WS_PATHS and request.is_websocket_upgrade():
+                refused = protocol_refused(self.ctx, request.path)
+                if refused is not None:
+                    self.ctx.metrics.protocol_refused[WS_PATHS[request.path]] += 1
+                    self.ctx.metrics.http_requests[str(refused.status)] += 1
+                    await _quiet(write_response(stream, conn, refused))
+                    return
                 remote = remote_address(
                     _peer(stream), request.headers.get("x-forwarded-for"), self._trusted
                 )
-                await self._websocket(ReplayStream(raw, stream), stream, conn, remote)
+                await self._websocket(
+                    ReplayStream(raw, stream), stream, conn, WS_PATHS[request.path], remote
+                )
                 return
             try:
                 response = await self.router.dispatch(request)
             except Exception as exc:
                 log.error("HTTP handler failed", extra={"error_type": type(exc).__name__})
                 response = HttpResponse.error(500, "internal error")
-            self.ctx.metrics.http_answered(response.status)
+            self.ctx.metrics.http_requests[str(response.status)] += 1
             head = request.method == "HEAD"
             await _quiet(write_response(stream, conn, response, head=head))
 
@@ -192,6 +222,7 @@ class NodeServer:
         replay: ReplayStream,
         raw_stream: trio.abc.Stream,
         conn: Any,
+        protocol: str,
         remote: str | None = None,
     ) -> None:
         ctx = self.ctx
@@ -199,7 +230,7 @@ class NodeServer:
             await _quiet(write_response(raw_stream, conn, HttpResponse.error(503, "shutting down")))
             return
         if len(ctx.drivers) + self._pending_upgrades >= ctx.config.max_connections:
-            ctx.metrics.connection_refused()
+            ctx.metrics.connections_refused += 1
             await _quiet(
                 write_response(
                     raw_stream, conn, HttpResponse.error(503, "too many connections; retry later")
@@ -231,7 +262,13 @@ class NodeServer:
                 finally:
                     self._pending_upgrades -= 1
                 if ws is not None:
-                    await ConnectionDriver(ctx, ws, connection_id, remote).run()
+                    driver: ConnectionDriver | ConnectionDriverV2 = (
+                        ConnectionDriverV2(ctx, ws, connection_id)
+                        if protocol == "v2"
+                        else ConnectionDriver(ctx, ws, connection_id)
+                    )
+                    driver.remote = remote
+                    await driver.run()
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One connection failing must never take the node down. trio-websocket's reader
@@ -283,7 +320,7 @@ class NodeServer:
                 acceptor.cancel_scope.cancel()
             connections.cancel_scope.cancel()
         for key_holder in list(ctx.drivers):  # pragma: no cover - defensive
-            key_holder.state.close("shutdown")
+            key_holder.wipe_keys()
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:

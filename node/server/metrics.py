@@ -1,26 +1,25 @@
 """Node metrics, exported through the Prometheus project's Python client.
 
-One :class:`NodeMetrics` per node process. Code updates it through its methods (never
-the ``prometheus_client`` objects directly); each method also keeps a plain in-process
-count, which is what tests and the server itself read back.
+One :class:`NodeMetrics` per node process. The server counts in plain attributes
+(``metrics.errors[code] += 1``, ``metrics.chunks += 1``): a prometheus-client increment
+costs over a microsecond (a lock and a value object), a frame a few tens, so the hot
+path never calls the client. :meth:`NodeMetrics.publish` hands what changed since the
+last call to the client's counters and sets the gauges: whenever this process renders
+a scrape, and every second in a worker of a multi-worker node. The two histograms
+observe into the client directly (one observation per session or handshake).
 
 Single process: the metrics live in a private registry and a scrape renders it.
 
 Several worker processes (``--workers N``): the parent creates a private directory
 (mode 0700) and names it in ``PROMETHEUS_MULTIPROC_DIR`` before it starts the workers;
-``prometheus_client`` then keeps every value in a small memory-mapped file per process
-and metric kind there, and any worker answering a scrape reads all of them
-(:class:`~prometheus_client.multiprocess.MultiProcessCollector`). Counters and the
-histogram are summed over every process that ever ran, dead ones included (a restarted
-worker does not make a counter go down). Gauges are summed over the processes alive
-now (mode ``livesum``): the parent deletes a dead worker's gauge files
-(:func:`~prometheus_client.multiprocess.mark_process_dead`).
-
-Gauges that describe live state (sessions, keys) are computed from the connections
-(``live_states``) when this process renders a scrape, and every second in each worker,
-so another worker's share may be up to a second old. The same holds for the per-frame
-counters (chunks, tokens, inbound messages), which stay plain integers on the hot path
-(a prometheus-client increment costs over a microsecond, a frame a few tens).
+prometheus-client then keeps every value in small memory-mapped files per process in
+it, and whichever worker answers a scrape reads all of them
+(:class:`~prometheus_client.multiprocess.MultiProcessCollector`). Counters and
+histograms are summed over every process that ever ran, dead ones included (a
+restarted worker does not make a counter go down). Gauges are summed over the
+processes alive now (mode ``livesum``): the parent deletes a dead worker's gauge files
+(:func:`~prometheus_client.multiprocess.mark_process_dead`). Another worker's values
+are at most a second old.
 """
 
 from __future__ import annotations
@@ -38,19 +37,79 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PROTOCOLS = ("v1", "v2")
 INIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
-TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # ``*_created`` series would double the output and mean little for a node's counters.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
+# (attribute, metric name, help, label) of the counters kept as plain attributes: an int
+# when ``label`` is None, else a Counter by that label's value.
+_COUNTERS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("connections_total", "llm_node_connections_total", "WebSocket connections accepted.", None),
+    (
+        "connections_refused",
+        "llm_node_connections_refused_total",
+        "Connections refused by --max-connections.",
+        None,
+    ),
+    (
+        "inits_accepted",
+        "llm_node_inits_accepted_total",
+        "Session inits accepted, by mode.",
+        "mode",
+    ),
+    ("inits_refused", "llm_node_inits_refused_total", "Session inits refused, by code.", "code"),
+    ("messages", "llm_node_messages_total", "Inbound messages, by type.", "type"),
+    (
+        "requests",
+        "llm_node_requests_total",
+        "Inference requests, by finish reason.",
+        "finish_reason",
+    ),
+    ("chunks", "llm_node_chunks_total", "Streamed chunks sent.", None),
+    ("tokens", "llm_node_tokens_total", "Completion tokens streamed.", None),
+    ("errors", "llm_node_errors_total", "Error frames sent, by code.", "code"),
+    ("http_requests", "llm_node_http_requests_total", "HTTP requests, by status.", "status"),
+    (
+        "protocol_connections",
+        "llm_node_protocol_connections_total",
+        "WebSocket connections accepted, by protocol.",
+        "protocol",
+    ),
+    (
+        "protocol_refused",
+        "llm_node_protocol_refused_total",
+        "WebSocket upgrades refused because --protocols disables the protocol.",
+        "protocol",
+    ),
+    (
+        "v2_handshakes",
+        "llm_node_noise_handshakes_total",
+        "Protocol v2 handshakes, by result (accepted, or the error code).",
+        "result",
+    ),
+    (
+        "v2_auth_failures",
+        "llm_node_record_auth_failures_total",
+        "Protocol v2 records that failed authentication (connection closed 1008).",
+        None,
+    ),
+    (
+        "worker_restarts",
+        "llm_node_worker_restarts_total",
+        "Worker processes restarted after an unexpected exit (--workers).",
+        None,
+    ),
+)
+
 
 class NodeMetrics:
-    """Counters, gauges and the init histogram of one node process.
+    """Counters, gauges and histograms of one node process.
 
     ``multiprocess_dir``: the shared directory of a multi-worker node (None: this
-    process alone). The attributes (``connections_total``, ``errors[code]``, ...) are
-    this process's own counts, for reading; update only through the methods.
+    process alone). Count in the attributes; the gauges of live state (sessions, keys,
+    connections by protocol) are computed from ``live_states`` at each publish.
     """
 
     def __init__(self, *, multiprocess_dir: str | None = None) -> None:
@@ -62,16 +121,21 @@ class NodeMetrics:
         self.connections_total = 0
         self.connections_open = 0
         self.connections_refused = 0
-        self.chunks = 0
-        self.tokens = 0
-        self.worker_restarts = 0
         self.inits_accepted: Counter[str] = Counter()  # by mode
         self.inits_refused: Counter[str] = Counter()  # by code
         self.messages: Counter[str] = Counter()  # inbound by type
+        self.chunks = 0
+        self.tokens = 0
         self.requests: Counter[str] = Counter()  # by finish reason
         self.errors: Counter[str] = Counter()  # by code
         self.http_requests: Counter[str] = Counter()  # by status
-        self.live_states: Callable[[], Iterable[tuple[int, int, int]]] = lambda: ()
+        self.protocol_connections: Counter[str] = Counter()  # accepted, by protocol
+        self.protocol_refused: Counter[str] = Counter()  # upgrades refused by --protocols
+        self.v2_handshakes: Counter[str] = Counter()  # by result
+        self.v2_auth_failures = 0
+        self.worker_restarts = 0
+        # Per open connection: (protocol, keys, key bytes, encrypted, plaintext sessions).
+        self.live_states: Callable[[], Iterable[tuple[str, int, int, int, int]]] = lambda: ()
 
         self._connections_open = PromGauge(
             "llm_node_connections_open",
@@ -79,14 +143,12 @@ class NodeMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
-        self._connections_total = PromCounter(
-            "llm_node_connections_total", "WebSocket connections accepted.", registry=reg
-        )
-        self._connections_refused = PromCounter(
-            "llm_node_connections_refused_total",
-            "Connections refused by --max-connections.",
-            registry=reg,
-        )
+        self._counters: dict[str, PromCounter] = {}
+        self._published: dict[str, Counter[str] | int] = {}
+        for attr, name, help_text, label in _COUNTERS:
+            labels = () if label is None else (label,)
+            self._counters[attr] = PromCounter(name, help_text, labels, registry=reg)
+            self._published[attr] = 0 if label is None else Counter()
         self._sessions = PromGauge(
             "llm_node_sessions",
             "Sessions held by open connections, by mode.",
@@ -94,8 +156,6 @@ class NodeMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
-        self._sessions_enc = self._sessions.labels("encrypted")
-        self._sessions_plain = self._sessions.labels("plaintext")
         self._session_keys = PromGauge(
             "llm_node_session_keys",
             "Session keys held in memory.",
@@ -108,127 +168,69 @@ class NodeMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
-        self._inits_accepted = PromCounter(
-            "llm_node_inits_accepted_total",
-            "Session inits accepted, by mode.",
-            ["mode"],
+        self._protocol_open = PromGauge(
+            "llm_node_protocol_connections_open",
+            "Open WebSocket connections, by protocol.",
+            ["protocol"],
             registry=reg,
+            multiprocess_mode="livesum",
         )
-        self._inits_refused = PromCounter(
-            "llm_node_inits_refused_total",
-            "Session inits refused, by code.",
-            ["code"],
+        self._protocol_keys = PromGauge(
+            "llm_node_protocol_session_keys",
+            "Connections' secret keys held in memory, by protocol.",
+            ["protocol"],
             registry=reg,
+            multiprocess_mode="livesum",
         )
-        self._messages = PromCounter(
-            "llm_node_messages_total", "Inbound messages, by type.", ["type"], registry=reg
-        )
-        self._requests = PromCounter(
-            "llm_node_requests_total",
-            "Inference requests, by finish reason.",
-            ["finish_reason"],
-            registry=reg,
-        )
-        self._chunks = PromCounter("llm_node_chunks_total", "Streamed chunks sent.", registry=reg)
-        self._tokens = PromCounter(
-            "llm_node_tokens_total", "Completion tokens streamed.", registry=reg
-        )
-        self._errors = PromCounter(
-            "llm_node_errors_total", "Error frames sent, by code.", ["code"], registry=reg
-        )
-        self._http_requests = PromCounter(
-            "llm_node_http_requests_total", "HTTP requests, by status.", ["status"], registry=reg
-        )
-        self._init_seconds = PromHistogram(
+        self.init_latency = PromHistogram(
             "llm_node_init_seconds",
             "Time to handle an encrypted_session_init.",
             buckets=INIT_BUCKETS_S,
             registry=reg,
         )
-        self._worker_restarts = PromCounter(
-            "llm_node_worker_restarts_total",
-            "Worker processes restarted after an unexpected exit (--workers).",
+        self.v2_handshake_latency = PromHistogram(
+            "llm_node_noise_handshake_seconds",
+            "Server CPU time to handle a v2 handshake message and the session record.",
+            buckets=INIT_BUCKETS_S,
             registry=reg,
         )
-        # The per-frame counters (chunks, tokens, inbound messages) are plain integers
-        # on the hot path and reach prometheus-client in :meth:`publish`: at each scrape
-        # this process answers, and every second in a worker.
-        self._published_chunks = 0
-        self._published_tokens = 0
-        self._published_messages: Counter[str] = Counter()
-
-    # -- updates ---------------------------------------------------------------------
-
-    def connection_opened(self) -> None:
-        self.connections_total += 1
-        self.connections_open += 1
-        self._connections_total.inc()
-        self._connections_open.inc()
-
-    def connection_closed(self) -> None:
-        self.connections_open -= 1
-        self._connections_open.dec()
-
-    def connection_refused(self) -> None:
-        self.connections_refused += 1
-        self._connections_refused.inc()
-
-    def init_accepted(self, mode: str, seconds: float | None = None) -> None:
-        self.inits_accepted[mode] += 1
-        self._inits_accepted.labels(mode).inc()
-        if seconds is not None:
-            self._init_seconds.observe(seconds)
-
-    def init_refused(self, code: str) -> None:
-        self.inits_refused[code] += 1
-        self._inits_refused.labels(code).inc()
-
-    def message(self, kind: str) -> None:
-        self.messages[kind] += 1
-
-    def request_finished(self, finish_reason: str) -> None:
-        self.requests[finish_reason] += 1
-        self._requests.labels(finish_reason).inc()
-
-    def error_sent(self, code: str) -> None:
-        self.errors[code] += 1
-        self._errors.labels(code).inc()
-
-    def chunk_sent(self, tokens: int = 0) -> None:
-        self.chunks += 1
-        self.tokens += tokens
-
-    def http_answered(self, status: int) -> None:
-        self.http_requests[str(status)] += 1
-        self._http_requests.labels(str(status)).inc()
 
     def worker_restarted(self) -> None:
         self.worker_restarts += 1
-        self._worker_restarts.inc()
+        self.publish()
 
-    def refresh_live(self) -> None:
-        """Publish the per-frame counters and set the session and key gauges from the
-        live connections of this process."""
-        if self.chunks != self._published_chunks:
-            self._chunks.inc(self.chunks - self._published_chunks)
-            self._published_chunks = self.chunks
-        if self.tokens != self._published_tokens:
-            self._tokens.inc(self.tokens - self._published_tokens)
-            self._published_tokens = self.tokens
-        for kind, count in self.messages.items():
-            published = self._published_messages[kind]
-            if count != published:
-                self._messages.labels(kind).inc(count - published)
-                self._published_messages[kind] = count
-        keys = enc = plain = 0
-        for k, e, p in self.live_states():
+    def publish(self) -> None:
+        """Hand the counts since the last call to prometheus-client; set the gauges."""
+        for attr, counter in self._counters.items():
+            current = getattr(self, attr)
+            published = self._published[attr]
+            if isinstance(current, Counter):
+                assert isinstance(published, Counter)
+                for label, count in current.items():
+                    if count != published[label]:
+                        counter.labels(label).inc(count - published[label])
+                        published[label] = count
+            elif current != published:
+                counter.inc(current - published)
+                self._published[attr] = current
+        keys = key_bytes = enc = plain = 0
+        open_by: Counter[str] = Counter(dict.fromkeys(PROTOCOLS, 0))
+        keys_by: Counter[str] = Counter(dict.fromkeys(PROTOCOLS, 0))
+        for protocol, k, nbytes, e, p in self.live_states():
             keys += k
+            key_bytes += nbytes
             enc += e
             plain += p
-        self._sessions_enc.set(enc)
-        self._sessions_plain.set(plain)
+            open_by[protocol] += 1
+            keys_by[protocol] += k
+        self._connections_open.set(self.connections_open)
+        self._sessions.labels("encrypted").set(enc)
+        self._sessions.labels("plaintext").set(plain)
         self._session_keys.set(keys)
-        self._session_key_bytes.set(keys * 32)
+        self._session_key_bytes.set(key_bytes)
+        for protocol in sorted(open_by):
+            self._protocol_open.labels(protocol).set(open_by[protocol])
+            self._protocol_keys.labels(protocol).set(keys_by[protocol])
 
     # -- export ----------------------------------------------------------------------
 
@@ -244,13 +246,13 @@ class NodeMetrics:
 
         OpenMetrics when the scraper asks for it, otherwise the classic text format 0.0.4.
         """
-        self.refresh_live()
+        self.publish()
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self._collect_from()), content_type
 
     def render(self) -> str:
         """The classic Prometheus text format (what a plain ``GET /metrics`` returns)."""
-        self.refresh_live()
+        self.publish()
         return generate_latest(self._collect_from()).decode("utf-8")
 
 

@@ -234,7 +234,7 @@ def test_backend_defaults_reach_the_backend() -> None:
 
 def test_metrics_negotiate_openmetrics() -> None:
     metrics = NodeMetrics()
-    metrics.http_answered(200)
+    metrics.http_requests["200"] += 1
     body, content_type = metrics.exposition("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith(b"# EOF\n")
@@ -247,13 +247,14 @@ def test_metrics_negotiate_openmetrics() -> None:
 def test_per_frame_counters_are_published_at_each_scrape() -> None:
     metrics = NodeMetrics()
     for _ in range(3):
-        metrics.chunk_sent(2)
-        metrics.message("EncryptedMessage")
+        metrics.chunks += 1
+        metrics.tokens += 2
+        metrics.messages["EncryptedMessage"] += 1
     first = metrics.render()
     assert "llm_node_chunks_total 3.0" in first
     assert "llm_node_tokens_total 6.0" in first
     assert 'llm_node_messages_total{type="EncryptedMessage"} 3.0' in first
-    metrics.chunk_sent()
+    metrics.chunks += 1
     second = metrics.render()  # only the difference is added: no double counting
     assert "llm_node_chunks_total 4.0" in second
     assert "llm_node_tokens_total 6.0" in second

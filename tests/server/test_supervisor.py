@@ -170,6 +170,13 @@ def test_every_scrape_reports_the_whole_node(tmp_path: Path) -> None:
             if served_by == worker_pids:
                 break
         assert served_by == worker_pids, "the kernel never gave the second worker a connection"
+        # Each worker publishes at least every second: wait (bounded) until one scrape
+        # shows every session, then every further scrape must show the same totals.
+
+        def complete() -> bool:
+            return _metrics(port).get('llm_node_inits_accepted_total{mode="encrypted"}') == total
+
+        _poll(complete, "the totals of both workers")
         scrapes = [_metrics(port) for _ in range(6)]
         for samples in scrapes:
             assert samples['llm_node_inits_accepted_total{mode="encrypted"}'] == total
