@@ -97,7 +97,13 @@ _V3 = (
     "ALTER TABLE receipts ADD COLUMN protocol TEXT NOT NULL DEFAULT 'v1'",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4 = (
+    # The process that opened the session: when one worker of a multi-worker node dies,
+    # the parent writes receipts for that worker's open sessions only.
+    "ALTER TABLE sessions ADD COLUMN owner_pid INTEGER",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 LATEST_VERSION = len(MIGRATIONS)
 
 
