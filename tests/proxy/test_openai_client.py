@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import httpx
@@ -473,3 +474,56 @@ async def test_idle_sessions_stay_bounded_whatever_model_names_clients_send() ->
             idle = stack.pool.idle_sessions
     assert opened == 4  # one session per model name
     assert idle == 2  # but no more idle sessions than --max-concurrency
+
+
+async def test_routes_methods_and_malformed_http() -> None:
+    with trio.fail_after(30):
+        async with proxy_stack() as stack, httpx.AsyncClient(base_url=stack.url) as http:
+            missing = await http.get("/v1/embeddings")
+            wrong_method = await http.get("/v1/chat/completions")
+            not_json = await http.post("/v1/completions", content=b"{")
+            port = stack.server.port
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"NOT HTTP\r\n\r\n")
+                garbage = await stream.receive_some(4096)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:  # the head announces more than the proxy takes
+                await stream.send_all(
+                    f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Content-Length: {300 * 1024}\r\n\r\n".encode()
+                )
+                too_big = await stream.receive_some(4096)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "unknown_url"
+    assert wrong_method.status_code == 405
+    assert too_big.startswith(b"HTTP/1.1 413")
+    assert not_json.status_code == 400
+    assert not_json.json()["error"]["code"] == "invalid_json"
+    assert garbage.startswith(b"HTTP/1.1 400")
+
+
+async def test_a_full_queue_answers_429() -> None:
+    backend = ProxyTestBackend(delay_s=0.01)
+    long_prompt = " ".join(f"w{i}" for i in range(2000))
+    with trio.fail_after(30):
+        async with proxy_stack(backend=backend, max_concurrency=1) as stack:
+            stack.pool.max_queue = 0
+            stream = await trio.open_tcp_stream("127.0.0.1", stack.server.port)
+            body = json.dumps({"model": "echo", "stream": True, "prompt": long_prompt}).encode()
+            await stream.send_all(
+                (
+                    f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{stack.server.port}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                + body
+            )
+            seen = b""
+            while b"data: " not in seen:  # the only slot is in use now
+                seen += await stream.receive_some(4096)
+            client = stack.openai_client()
+            with pytest.raises(openai.RateLimitError) as busy:
+                await stack.call(lambda: client.completions.create(model="echo", prompt="hi"))
+            await stream.aclose()
+            await stack.accounting.wait_for(1)
+    assert busy.value.code == "proxy_queue_full"
