@@ -527,3 +527,25 @@ async def test_a_full_queue_answers_429() -> None:
             await stream.aclose()
             await stack.accounting.wait_for(1)
     assert busy.value.code == "proxy_queue_full"
+
+
+async def test_a_node_without_v2_needs_allow_v1() -> None:
+    from node.config import NodeConfig
+    from node.crypto.hostkey import HostKey
+    from node.proxy.link import ProtocolUnavailable, SessionPool
+    from tests.support.wire import running_node
+
+    with trio.fail_after(30):
+        async with running_node(
+            host_key=HostKey.generate(), config=NodeConfig(port=0, protocols=("v1",))
+        ) as (_, ws_url):
+            url = ws_url.replace("ws://", "http://").removesuffix("/v1/ws")
+            with pytest.raises(ProtocolUnavailable, match="--allow-v1"):
+                async with SessionPool.open(url):
+                    pass  # pragma: no cover - refused before
+            with pytest.raises(ProtocolUnavailable, match="does not offer it"):
+                async with SessionPool.open(url, protocol="v2"):
+                    pass  # pragma: no cover - refused before
+            async with SessionPool.open(url, allow_v1=True) as pool:
+                protocol = pool.protocol
+    assert protocol == "v1"
