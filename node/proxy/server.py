@@ -160,7 +160,7 @@ class ProxyServer:
         self._count(exchange.status)
         log.info(
             "%s %s %d",
-            request.method,
+            request.method[:16],
             request.path if (request.method, request.path) in self._routes else "-",
             exchange.status,
             extra={"ms": round((time.perf_counter() - started) * 1000, 1)},
