@@ -701,7 +701,7 @@ class Bench:
         One echo node (a per-token delay stands in for a model), one proxy in front of it
         (its own process, as a user runs it). This process is the client of both: direct
         requests on one node.client v2 session, proxied ones as streaming HTTP requests
-        (``stream: true``, one TCP connection each, as the proxy closes after an answer;
+        (``stream: true``, one TCP connection each, as curl makes;
         read with a bare socket client, so the figure is the proxy's cost, not a client
         library's),
         alternating, so that both see the same machine load.

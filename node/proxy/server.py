@@ -1,4 +1,4 @@
-"""The proxy's HTTP side: OpenAI-compatible routes on h11 + Trio, one request per connection.
+"""The proxy's HTTP side: OpenAI-compatible routes on h11 + Trio (HTTP/1.1, kept alive).
 
 Every request passes three guards before it is routed, in this order:
 
@@ -46,6 +46,7 @@ from node.server.http import HttpError, HttpRequest, new_connection, read_reques
 log = logging.getLogger("node.proxy")
 
 MAX_BODY_BYTES: Final = 256 * 1024
+KEEP_ALIVE_S: Final = 30.0  # how long a kept-alive connection may wait for its next request
 _KNOWN = frozenset(s.value for s in HTTPStatus)
 _LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "[::1]")
 
@@ -89,6 +90,7 @@ class ProxyServer:
         self.port = config.listen_port
         self.requests: dict[str, int] = {}  # by HTTP status, for tests and logs
         self.disconnects = 0
+        self.connections = 0
         self._routes: dict[tuple[str, str], Callable[[HttpRequest, _Exchange], Awaitable[None]]] = {
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/completions"): self._completions,
@@ -116,6 +118,7 @@ class ProxyServer:
     # ------------------------------------------------------------ connections
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
         try:
             async with stream:
                 await self._handle(stream)
@@ -125,7 +128,22 @@ class ProxyServer:
             log.error("proxy connection failed", extra={"error_type": type(exc).__name__})
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
+        """Serve requests on one connection, kept alive between them (HTTP/1.1)."""
         conn = new_connection()
+        while await self._exchange(stream, conn):
+            conn.start_next_cycle()
+            # Wait for the next request (bytes may already be buffered); an idle
+            # connection is closed quietly.
+            if not conn.trailing_data[0] and not conn.trailing_data[1]:
+                with trio.move_on_after(KEEP_ALIVE_S):
+                    data = await stream.receive_some(65536)
+                    conn.receive_data(bytes(data))
+                    if data:
+                        continue
+                return
+
+    async def _exchange(self, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+        """One request and its response; True when the connection can take another."""
         exchange = _Exchange(stream, conn)
         try:
             got = await read_request(stream, conn, max_body_bytes=MAX_BODY_BYTES)
@@ -133,9 +151,9 @@ class ProxyServer:
             error = ApiError(exc.response.status, "malformed or oversized HTTP request")
             await exchange.send_error(error)
             self._count(error.status)
-            return
+            return False
         if got is None:
-            return
+            return False
         request, _ = got
         started = time.perf_counter()
         try:
@@ -157,6 +175,7 @@ class ProxyServer:
                 await exchange.send_error(
                     ApiError(500, "internal proxy error", type="api_error", code="internal_error")
                 )
+            exchange.disconnected = True  # do not reuse a connection after a failure
         self._count(exchange.status)
         log.info(
             "%s %s %d",
@@ -164,6 +183,11 @@ class ProxyServer:
             request.path if (request.method, request.path) in self._routes else "-",
             exchange.status,
             extra={"ms": round((time.perf_counter() - started) * 1000, 1)},
+        )
+        return (
+            not exchange.disconnected
+            and conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
         )
 
     def _count(self, status: int) -> None:
@@ -336,11 +360,15 @@ class _Exchange:
         """Cancel ``scope`` when the client closes its side (or the socket breaks)."""
         try:
             while True:
-                data = await self.stream.receive_some(4096)
+                data = await self.stream.receive_some(65536)
                 if not data:
                     break
+                # A kept-alive client may send its next request as soon as it has the
+                # end of this answer: keep the bytes for the next cycle.
+                self.conn.receive_data(bytes(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        self.conn.receive_data(b"")  # the client closed its side
         if not self.finished:
             self.disconnected = True
             scope.cancel()
@@ -364,7 +392,6 @@ class _Exchange:
         headers = [
             ("content-type", content_type),
             ("cache-control", "no-store"),
-            ("connection", "close"),
             ("x-content-type-options", "nosniff"),
             *extra,
         ]

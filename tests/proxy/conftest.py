@@ -90,9 +90,15 @@ class Stack:
     def url(self) -> str:
         return self.server.url
 
+    clients: list[openai.OpenAI] = attrs.field(factory=list)
+
     def openai_client(self, api_key: str = "unused", **kw: Any) -> openai.OpenAI:
+        """An ``openai`` client of the proxy; closed (with its kept-alive connections)
+        when the stack ends."""
         kw.setdefault("timeout", 30.0)
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
+        self.clients.append(client)
+        return client
 
     async def call(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn)
@@ -123,7 +129,10 @@ async def proxy_stack(
             server = ProxyServer(proxy_config or ProxyConfig(listen_port=0), pool)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
+                stack = Stack(ctx, node_url, backend, accounting, pool, server, host_key)
                 try:
-                    yield Stack(ctx, node_url, backend, accounting, pool, server, host_key)
+                    yield stack
                 finally:
+                    for client in stack.clients:
+                        client.close()
                     nursery.cancel_scope.cancel()

@@ -549,3 +549,21 @@ async def test_a_node_without_v2_needs_allow_v1() -> None:
             async with SessionPool.open(url, allow_v1=True) as pool:
                 protocol = pool.protocol
     assert protocol == "v1"
+
+
+async def test_connections_are_kept_alive_between_requests() -> None:
+    with trio.fail_after(30):
+        async with proxy_stack() as stack, httpx.AsyncClient(base_url=stack.url) as http:
+            ask = {"model": "echo", "messages": [{"role": "user", "content": "a b"}]}
+            texts = []
+            for stream in (True, False, True):
+                response = await http.post("/v1/chat/completions", json={**ask, "stream": stream})
+                assert response.status_code == 200
+                texts.append(response.text)
+            models = await http.get("/v1/models")
+            connections = stack.server.connections
+    assert texts[0].endswith("data: [DONE]\n\n")
+    assert '"content":"a b"' in texts[1]
+    assert texts[2].endswith("data: [DONE]\n\n")
+    assert models.status_code == 200
+    assert connections == 1
