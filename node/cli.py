@@ -125,7 +125,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--max-connections", type=_positive_int, default=_env("MAX_CONNECTIONS", "10000")
     )
-    p.add_argument("--replay-window", type=_positive_float, default=_env("REPLAY_WINDOW", "900"))
+    p.add_argument(
+        "--replay-window",
+        type=_positive_float,
+        default=_env("REPLAY_WINDOW"),
+        help="seconds an accepted init is remembered (default: the session TTL)",
+    )
     p.add_argument("--max-errors", type=_positive_int, default=_env("MAX_ERRORS", "10"))
     p.add_argument(
         "--allowed-clients",
@@ -133,6 +138,32 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="comma-separated client addresses allowed to open encrypted sessions",
     )
     p.add_argument("--ledger", default=_env("LEDGER"), help="SQLite ledger path")
+    p.add_argument(
+        "--on-ledger-failure",
+        choices=["serve", "refuse"],
+        default=_env("ON_LEDGER_FAILURE", "serve"),
+        help="when usage cannot be recorded: keep serving (serve), or refuse new sessions "
+        "and requests with STORAGE_UNAVAILABLE until the ledger takes writes (refuse)",
+    )
+    p.add_argument(
+        "--address-init-burst",
+        type=_non_negative_int,
+        default=_env("ADDRESS_INIT_BURST", "60"),
+        help="new sessions one network address, or one client address, may open at once "
+        "across all its connections (0: no limit)",
+    )
+    p.add_argument(
+        "--address-init-rate",
+        type=_non_negative_float,
+        default=_env("ADDRESS_INIT_RATE", "5"),
+        help="per second, how fast that allowance comes back",
+    )
+    p.add_argument(
+        "--trusted-proxies",
+        default=_env("TRUSTED_PROXIES"),
+        help="comma-separated proxy addresses or networks whose X-Forwarded-For names the "
+        "client (unset: the header is ignored)",
+    )
     p.add_argument("--workers", type=_positive_int, default=_env("WORKERS", "1"))
     p.add_argument(
         "--log-level",
@@ -174,6 +205,9 @@ def _port(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     model_map = parse_model_map(args.upstream_model_map) if args.upstream_model_map else {}
+    from node.server.remote import parse_trusted_proxies
+
+    proxies = tuple(str(n) for n in parse_trusted_proxies(args.trusted_proxies))
     allowed = None
     if args.allowed_clients:
         allowed = frozenset(a.strip().lower() for a in args.allowed_clients.split(",") if a)
@@ -195,13 +229,19 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         session_ttl_s=args.session_ttl,
         max_frame_bytes=args.max_frame_bytes,
         max_connections=args.max_connections,
-        replay_window_s=args.replay_window,
+        replay_window_s=(
+            args.replay_window if args.replay_window is not None else args.session_ttl
+        ),
         max_errors=args.max_errors,
         allowed_clients=allowed,
         ledger_path=args.ledger,
         workers=args.workers,
         log_level=args.log_level,
         log_format=args.log_format,
+        on_ledger_failure=args.on_ledger_failure,
+        address_init_burst=args.address_init_burst,
+        address_init_rate=args.address_init_rate,
+        trusted_proxies=proxies,
     )
 
 

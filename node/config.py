@@ -24,7 +24,11 @@ class NodeConfig:
     session_ttl_s: float = 24 * 3600.0
     max_frame_bytes: int = 1024 * 1024
     max_connections: int = 10_000
-    replay_window_s: float = 900.0
+    # At least the session TTL by default: an init is remembered for as long as the
+    # session it opened may live.
+    replay_window_s: float = attrs.field(
+        default=attrs.Factory(lambda self: max(900.0, self.session_ttl_s), takes_self=True)
+    )
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
     shutdown_grace_s: float = 5.0
@@ -35,3 +39,8 @@ class NodeConfig:
     log_format: str = "text"
     stream_queue_size: int = 64
     coalesce: bool = True  # merge queued pieces into one frame when the client is slower
+    on_ledger_failure: str = "serve"  # serve | refuse (see node.protocol.storage)
+    # New sessions per network address and per client address, node-wide (0: no limit).
+    address_init_burst: int = 60
+    address_init_rate: float = 5.0
+    trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For is believed

@@ -17,6 +17,7 @@ from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend
 from node.inference.factory import create_backend
+from node.protocol.storage import StorageHealth
 from node.server.app import NodeServer, open_listeners
 from node.server.context import NodeContext
 from node.server.shared_replay import SharedReplayCacheError, SqliteReplayCache
@@ -61,12 +62,20 @@ async def run_node(config: NodeConfig, host_key: HostKey | None, backend: Backen
 async def _run_node(
     config: NodeConfig, host_key: HostKey | None, backend: Backend, signals: AsyncIterator[int]
 ) -> None:
-    accounting = await open_accounting(config, host_key)
+    storage = StorageHealth(on_ledger_failure=config.on_ledger_failure)  # type: ignore[arg-type]
+    accounting = await open_accounting(config, host_key, storage)
+    if config.replay_window_s < config.session_ttl_s:
+        log.warning(
+            "the replay window is shorter than the session TTL: an init recorded by an "
+            "eavesdropper can be replayed once the window has passed",
+            extra={"replay_window": config.replay_window_s, "session_ttl": config.session_ttl_s},
+        )
     try:
         # Shared by every worker and kept across restarts: a file beside the ledger.
         replay = SqliteReplayCache(
             ledger_path(config).with_name("replay-cache.sqlite3"),
             window_s=config.replay_window_s,
+            health=storage,
         )
     except BaseException:
         await accounting.aclose()
@@ -77,12 +86,14 @@ async def _run_node(
         backend=backend,
         replay_cache=replay,
         accounting=accounting,
+        storage=storage,
     )
     listeners = await open_listeners(config.host, config.port, reuse_port=config.workers > 1)
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, shutdown)
+            nursery.start_soon(accounting.watch)
             log.info("loading backend", extra={"backend": backend.name})
             if not await backend.ready():
                 log.warning("backend is not ready yet", extra={"backend": backend.name})

@@ -13,6 +13,7 @@ from trio_websocket import wrap_server_stream
 from node import PROTOCOL_VERSION, __version__
 from node.crypto.encoding import decode_hex, loads_bounded
 from node.crypto.errors import InvalidHexEncoding
+from node.protocol.storage import LEDGER, REPLAY_CACHE
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
 from node.server.http import (
@@ -25,6 +26,7 @@ from node.server.http import (
     read_request,
     write_response,
 )
+from node.server.remote import client_address
 
 log = logging.getLogger("node.server")
 
@@ -38,11 +40,15 @@ def build_router(ctx: NodeContext) -> Router:
 
     async def health(_: HttpRequest) -> HttpResponse:
         ready = await ctx.backend.ready()
+        storage = ctx.storage
+        status = "starting" if not ready else "degraded" if storage.degraded else "ok"
         return HttpResponse.json(
             200,
             {
-                "status": "ok" if ready else "starting",
+                "status": status,
                 "ready": ready,
+                "ledger": storage.state(LEDGER),
+                "replay_cache": storage.state(REPLAY_CACHE),
                 "backend": ctx.backend.name,
                 "encryption": ctx.host_key is not None,
                 "connections": len(ctx.drivers),
@@ -133,6 +139,7 @@ class NodeServer:
         self.router = build_router(ctx)
         self._pending_upgrades = 0
         ctx.metrics.live_states = ctx.live_states
+        ctx.metrics.storage = ctx.storage
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection; whatever goes wrong stays inside it."""
@@ -156,7 +163,10 @@ class NodeServer:
                 return
             request, raw = got
             if request.path == WS_PATH and request.is_websocket_upgrade():
-                await self._websocket(ReplayStream(raw, stream), stream, conn)
+                remote = client_address(
+                    _peer_host(stream), request.headers, self.ctx.trusted_proxies
+                )
+                await self._websocket(ReplayStream(raw, stream), stream, conn, remote)
                 return
             try:
                 response = await self.router.dispatch(request)
@@ -168,7 +178,11 @@ class NodeServer:
             await _quiet(write_response(stream, conn, response, head=head))
 
     async def _websocket(
-        self, replay: ReplayStream, raw_stream: trio.abc.Stream, conn: Any
+        self,
+        replay: ReplayStream,
+        raw_stream: trio.abc.Stream,
+        conn: Any,
+        remote: str | None = None,
     ) -> None:
         ctx = self.ctx
         if ctx.shutting_down:
@@ -207,7 +221,7 @@ class NodeServer:
                 finally:
                     self._pending_upgrades -= 1
                 if ws is not None:
-                    await ConnectionDriver(ctx, ws, connection_id).run()
+                    await ConnectionDriver(ctx, ws, connection_id, remote).run()
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One connection failing must never take the node down. trio-websocket's reader
@@ -268,6 +282,18 @@ async def open_listeners(
     await sock.bind((host, port))
     sock.listen(1024)
     return [trio.SocketListener(sock)]
+
+
+def _peer_host(stream: trio.abc.Stream) -> str | None:
+    """The remote IP of a socket stream (None for memory streams in tests)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
 def _leaf_types(exc: BaseException) -> str:

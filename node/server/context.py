@@ -12,8 +12,11 @@ from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend, GenerationResult
 from node.protocol.connection import ProtocolConfig, Session
+from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.replay import ReplayCache
+from node.protocol.storage import StorageHealth
 from node.server.metrics import NodeMetrics
+from node.server.remote import IPNetwork, parse_trusted_proxies
 
 if TYPE_CHECKING:
     from node.server.driver import ConnectionDriver
@@ -60,6 +63,18 @@ class NodeContext:
     shutting_down: bool = False
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
+    storage: StorageHealth = attrs.field(factory=StorageHealth)
+    address_limiter: AddressRateLimiter | None = None
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        if self.address_limiter is None and c.address_init_burst > 0:
+            self.address_limiter = AddressRateLimiter(
+                burst=c.address_init_burst, refill_per_s=c.address_init_rate, clock=self.clock
+            )
+        if not self.trusted_proxies and c.trusted_proxies:
+            self.trusted_proxies = parse_trusted_proxies(c.trusted_proxies)
 
     def protocol_config(self) -> ProtocolConfig:
         c = self.config

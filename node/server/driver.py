@@ -155,16 +155,26 @@ def _wire_error(exc: NodeError) -> NodeError:
 class ConnectionDriver:
     """Runs one WebSocket connection: reader loop, request task, chunk sender."""
 
-    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        ws: WebSocketConnection,
+        connection_id: int,
+        remote_address: str | None = None,
+    ) -> None:
         self.ctx = ctx
         self.ws = ws
         self.id = connection_id
+        self.remote_address = remote_address
         extra = {} if ctx.rng is None else {"rng": ctx.rng}
         self.state = ConnectionState(
             host_key=ctx.host_key,
             replay_cache=ctx.replay_cache,
             clock=ctx.clock,
             config=ctx.protocol_config(),
+            address_limiter=ctx.address_limiter,
+            remote_address=remote_address,
+            admission=ctx.storage.admit,
             **extra,
         )
         self.end_reason = "disconnect"

@@ -6,6 +6,8 @@ import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from node.protocol.storage import STORES, StorageHealth
+
 INIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -47,6 +49,7 @@ class NodeMetrics:
         self.http_requests: Counter[str] = Counter()  # by status
         self.init_latency = Histogram(INIT_BUCKETS_S)
         self.live_states: Callable[[], Iterable[tuple[int, int, int]]] = lambda: ()
+        self.storage: StorageHealth | None = None
 
     def render(self) -> str:
         keys = sessions_enc = sessions_plain = 0
@@ -139,6 +142,19 @@ class NodeMetrics:
             "counter",
             "HTTP requests, by status.",
             by("status", self.http_requests),
+        )
+        storage = self.storage or StorageHealth()
+        metric(
+            "llm_node_storage_failures_total",
+            "counter",
+            "Failed writes (or reads) of the node's files, by store (ledger, replay_cache).",
+            [(f'{{store="{s}"}}', storage.failures[s]) for s in STORES],
+        )
+        metric(
+            "llm_node_storage_failing",
+            "gauge",
+            "1 while a store's last write failed (until one succeeds), by store.",
+            [(f'{{store="{s}"}}', int(storage.failing(s))) for s in STORES],
         )
         h = self.init_latency
         lines.append("# HELP llm_node_init_seconds Time to handle an encrypted_session_init.")

@@ -1,7 +1,7 @@
 """Usage receipts: one per ended session, canonical JSON, signed by the host key.
 
-Format (receipt version 1). The signed message is the canonical JSON text of the receipt
-object::
+Format (receipt version 2; version 1 below). The signed message is the canonical JSON
+text of the receipt object::
 
     json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -14,7 +14,8 @@ Any Ethereum tool verifies it, e.g. with eth-account::
 
 Fields of the receipt object:
 
-- ``type``: ``"llm-node.usage-receipt"``; ``version``: 1.
+- ``type``: ``"llm-node.usage-receipt"``; ``version``: 2 (1 for receipts written
+  before the hash chain).
 - ``sequence``: the ledger's receipt number, 1, 2, 3, ... without gaps.
 - ``session_id`` (string), ``job_id`` (decimal string or null), ``chain_id`` (int).
 - ``client_address``: EIP-55 address of the client (null for plaintext sessions).
@@ -28,6 +29,18 @@ Fields of the receipt object:
 - ``encrypted`` (bool), ``started_at`` and ``ended_at`` (ISO-8601 UTC with milliseconds,
   ``Z`` suffix), ``end_reason`` (e.g. ``disconnect``, ``reinit``, ``idle_timeout``).
 
+Version 2 (written since the ledger became a hash chain) adds two fields; version 1
+receipts (without them) stay valid and verify as before:
+
+- ``ledger_epoch``: 32 hex digits, random, chosen each time a node process opens the
+  ledger to write to it (a node start). ``(ledger_epoch, sequence)`` names one receipt;
+  a restore from a backup always starts a new epoch, so a re-issued sequence number shows
+  up as one number under two epochs.
+- ``prev_hash``: SHA-256 (64 lowercase hex digits) of the canonical JSON text of the
+  receipt with the previous sequence number (of any version), or null for the ledger's
+  first receipt. Each receipt thus signs the whole history before it: a receipt removed
+  or altered breaks the link of the one after it.
+
 Export form (``llm-node receipts export --json``, one element per receipt)::
 
     {"receipt": {...the object above...}, "signature": "<130 hex>" | null, "signed": bool}
@@ -36,6 +49,7 @@ Export form (``llm-node receipts export --json``, one element per receipt)::
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -52,12 +66,16 @@ from node.settlement.errors import ReceiptError
 from node.settlement.usage import MAX_TOKENS, MAX_UINT256, check_text, check_uint
 
 RECEIPT_TYPE = "llm-node.usage-receipt"
-RECEIPT_VERSION = 1
+RECEIPT_VERSION = 2
+#: The receipt versions this code reads (1: before the hash chain).
+RECEIPT_VERSIONS = (1, 2)
 _DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,99}")
 #: An amount is tokens (< 2**63) times a uint256 price, so it may exceed uint256.
 MAX_AMOUNT = 2**320
 _ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
-_FIELDS = frozenset(
+_EPOCH_RE = re.compile(r"[0-9a-f]{32}")
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+_FIELDS_V1 = frozenset(
     {
         "type",
         "version",
@@ -80,6 +98,13 @@ _FIELDS = frozenset(
         "end_reason",
     }
 )
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"ledger_epoch", "prev_hash"}}
+
+
+def receipt_hash(canonical: str) -> str:
+    """SHA-256 of a receipt's canonical JSON text, as 64 lowercase hex digits: what the
+    next receipt carries as ``prev_hash``."""
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
@@ -130,6 +155,8 @@ class Receipt:
     ended_at: str
     end_reason: str
     version: int = RECEIPT_VERSION
+    ledger_epoch: str | None = None
+    prev_hash: str | None = None
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -152,8 +179,18 @@ class Receipt:
         _optional_address("host_address", self.host_address)
         if not isinstance(self.encrypted, bool):
             raise ReceiptError("receipt field encrypted must be a bool")
-        if self.version != RECEIPT_VERSION:
+        if self.version not in RECEIPT_VERSIONS or isinstance(self.version, bool):
             raise ReceiptError(f"unsupported receipt version {self.version!r}")
+        if self.version == 1:
+            if self.ledger_epoch is not None or self.prev_hash is not None:
+                raise ReceiptError("a version 1 receipt has no ledger_epoch or prev_hash")
+            return
+        if not isinstance(self.ledger_epoch, str) or not _EPOCH_RE.fullmatch(self.ledger_epoch):
+            raise ReceiptError("receipt field ledger_epoch must be 32 lowercase hex digits")
+        if self.prev_hash is not None and (
+            not isinstance(self.prev_hash, str) or not _HASH_RE.fullmatch(self.prev_hash)
+        ):
+            raise ReceiptError("receipt field prev_hash must be 64 lowercase hex digits or null")
 
     @property
     def total_tokens(self) -> int:
@@ -165,7 +202,7 @@ class Receipt:
         return self.total_tokens * self.price_per_token
 
     def to_json_object(self) -> dict[str, Any]:
-        return {
+        obj = {
             "type": RECEIPT_TYPE,
             "version": self.version,
             "sequence": self.sequence,
@@ -186,6 +223,10 @@ class Receipt:
             "ended_at": self.ended_at,
             "end_reason": self.end_reason,
         }
+        if self.version >= 2:
+            obj["ledger_epoch"] = self.ledger_epoch
+            obj["prev_hash"] = self.prev_hash
+        return obj
 
     def canonical_json(self) -> str:
         return canonical_json(self.to_json_object())
@@ -200,9 +241,13 @@ class Receipt:
         if not isinstance(obj, Mapping):
             raise ReceiptError("a receipt must be a JSON object")
         keys = set(obj)
-        if keys != _FIELDS:
-            missing = sorted(_FIELDS - keys)
-            extra = sorted(keys - _FIELDS)
+        version = obj.get("version")
+        # The field set of the version it claims (the constructor checks the version).
+        fields = _FIELDS.get(version) if type(version) is int else None
+        fields = fields or _FIELDS[RECEIPT_VERSION]
+        if keys != fields:
+            missing = sorted(fields - keys)
+            extra = sorted(keys - fields)
             raise ReceiptError(f"receipt fields differ: missing {missing}, unexpected {extra}")
         if obj["type"] != RECEIPT_TYPE:
             raise ReceiptError("not a usage receipt (wrong type)")
@@ -224,6 +269,8 @@ class Receipt:
             started_at=obj["started_at"],
             ended_at=obj["ended_at"],
             end_reason=obj["end_reason"],
+            ledger_epoch=obj.get("ledger_epoch"),
+            prev_hash=obj.get("prev_hash"),
         )
         if obj["total_tokens"] != receipt.total_tokens:
             raise ReceiptError("total_tokens is not prompt_tokens + completion_tokens")
