@@ -82,9 +82,10 @@ async def test_hundred_concurrent_sessions_lose_and_duplicate_nothing(tmp_path: 
     ledger = Ledger.open(tmp_path / "ledger.sqlite3", host_key=host)
     # One machine opens all 100 sessions at once: lift the per-address allowance.
     config = NodeConfig(port=0, address_init_burst=0)
-    async with running_node(
-        host_key=host, accounting=LedgerAccounting(ledger), config=config
-    ) as (_ctx, url):
+    async with running_node(host_key=host, accounting=LedgerAccounting(ledger), config=config) as (
+        _ctx,
+        url,
+    ):
 
         async def one(i: int) -> None:
             async with wire_client(url) as client:
