@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from node.protocol.storage import LedgerPolicy
+
 
 @attrs.define
 class NodeConfig:
@@ -39,7 +41,7 @@ class NodeConfig:
     log_format: str = "text"
     stream_queue_size: int = 64
     coalesce: bool = True  # merge queued pieces into one frame when the client is slower
-    on_ledger_failure: str = "serve"  # serve | refuse (see node.protocol.storage)
+    on_ledger_failure: LedgerPolicy = "serve"  # see node.protocol.storage
     # New sessions per network address and per client address, node-wide (0: no limit).
     address_init_burst: int = 60
     address_init_rate: float = 5.0

@@ -62,7 +62,7 @@ async def run_node(config: NodeConfig, host_key: HostKey | None, backend: Backen
 async def _run_node(
     config: NodeConfig, host_key: HostKey | None, backend: Backend, signals: AsyncIterator[int]
 ) -> None:
-    storage = StorageHealth(on_ledger_failure=config.on_ledger_failure)  # type: ignore[arg-type]
+    storage = StorageHealth(on_ledger_failure=config.on_ledger_failure)
     accounting = await open_accounting(config, host_key, storage)
     if config.replay_window_s < config.session_ttl_s:
         log.warning(

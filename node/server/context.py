@@ -63,7 +63,12 @@ class NodeContext:
     shutting_down: bool = False
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
-    storage: StorageHealth = attrs.field(factory=StorageHealth)
+    storage: StorageHealth = attrs.field(
+        default=attrs.Factory(
+            lambda self: StorageHealth(on_ledger_failure=self.config.on_ledger_failure),
+            takes_self=True,
+        )
+    )
     address_limiter: AddressRateLimiter | None = None
     trusted_proxies: tuple[IPNetwork, ...] = ()
 
