@@ -209,9 +209,7 @@ def test_x_forwarded_for_is_read_from_the_right() -> None:
 async def test_a_plaintext_reinit_storm_writes_no_receipts(
     node_factory: NodeFactory, tmp_path: Path
 ) -> None:
-    node = await node_factory.start(
-        address_init_burst=20, address_init_rate=0.0, max_errors=1_000
-    )
+    node = await node_factory.start(address_init_burst=20, address_init_rate=0.0, max_errors=1_000)
     ledger = Ledger.open(tmp_path / "ledger.sqlite3", host_key=node.ctx.host_key)
     node.ctx.accounting = LedgerAccounting(ledger, health=node.ctx.storage)
     answers: dict[str, int] = {}
