@@ -34,9 +34,11 @@ from node.crypto.errors import StorageUnavailable
 from node.protocol.storage import REPLAY_CACHE, StorageHealth
 
 #: Expired entries deleted per call on the init path (bounded work per init).
-PURGE_BATCH = 64
+PURGE_BATCH = 4
 #: Expired entries deleted per call when the cache looks full, before refusing.
-FULL_PURGE_BATCH = 10_000
+FULL_PURGE_BATCH = 256
+#: Expired entries deleted when the file is opened (start-up, off the init path).
+OPEN_PURGE_BATCH = 100_000
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, at REAL NOT NULL)",
@@ -95,7 +97,7 @@ class SqliteReplayCache:
             ) from None
         self._conn = conn
         with self._storage():
-            self._purge(self._clock(), FULL_PURGE_BATCH)
+            self._purge(self._clock(), OPEN_PURGE_BATCH)
 
     @contextmanager
     def _storage(self) -> Iterator[None]:
