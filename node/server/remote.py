@@ -56,9 +56,10 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def _trusted(
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address, proxies: tuple[IPNetwork, ...]
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, proxies: tuple[IPNetwork, ...]
 ) -> bool:
-    return any(address.version == net.version and address in net for net in proxies)
+    """Whether ``ip`` is in one of the configured proxy networks (nothing secret here)."""
+    return any(ip.version == net.version and ip in net for net in proxies)
 
 
 def client_address(
