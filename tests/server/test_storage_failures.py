@@ -10,7 +10,10 @@ prompts were served but not recorded, and ``/health`` said ok.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 
+from node.crypto.hostkey import HostKey
 from node.inference.base import GenerationResult
 from node.protocol.connection import Session
 from node.protocol.storage import StorageHealth
@@ -29,6 +33,8 @@ from node.settlement.ledger import LedgerStore
 from node.settlement.service import LedgerAccounting
 from tests.server._support import RunningNode, init_frame, parse_prometheus, ws_client
 from tests.server.conftest import NodeFactory
+from tests.support.nodeproc import echo_node_process
+from tests.support.wire import SDK_HOST_KEY, wire_client
 
 
 @contextmanager
@@ -215,3 +221,60 @@ async def test_the_watch_probes_a_failing_ledger_about_once_a_second(
 def test_storage_health_policy_values() -> None:
     with pytest.raises(ValueError, match="unknown ledger failure policy"):
         StorageHealth(on_ledger_failure="maybe")  # type: ignore[arg-type]
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """``chattr +i`` / ``-i``: a file even root cannot write (a real filesystem refusal)."""
+    done = subprocess.run(
+        ["chattr", "+i" if on else "-i", str(path)], capture_output=True, check=False
+    )
+    return done.returncode == 0
+
+
+async def _http_health(url: str) -> dict[str, object]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        body: dict[str, object] = (await client.get(url + "/health")).json()
+    return body
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("chattr") is None,
+    reason="needs root and chattr to make a file unwritable for the node",
+)
+async def test_a_real_node_refuses_while_its_ledger_cannot_be_written(tmp_path: Path) -> None:
+    """``llm-node serve --on-ledger-failure refuse`` as a process, with its ledger's WAL
+    file made immutable (every write gets EIO/EPERM from the kernel) and then writable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOST_PRIVATE_KEY", "LLM_"))}
+    env["HOST_PRIVATE_KEY"] = SDK_HOST_KEY
+    ledger = tmp_path / "ledger.sqlite3"
+    wal = Path(str(ledger) + "-wal")
+    host = HostKey.parse(SDK_HOST_KEY).public_key
+    with echo_node_process(ledger, env, extra_args=("--on-ledger-failure", "refuse")) as (
+        url,
+        log,
+    ):
+        ws_url = url.replace("http://", "ws://") + "/v1/ws"
+        with trio.fail_after(60):
+            async with wire_client(ws_url) as client:
+                assert (await client.init_encrypted(host))["type"] == "session_init_ack"
+                assert (await client.ask_encrypted("recorded"))[0] == "recorded"
+                if not _immutable(wal, True):
+                    pytest.skip("this filesystem has no immutable attribute")
+                try:
+                    # Served (it had started), but its usage cannot be written.
+                    assert (await client.ask_encrypted("lost", "r2"))[0] == "lost"
+                    health = await _http_health(url)
+                    assert (health["status"], health["ledger"]) == ("degraded", "failing")
+                    reply = await client.init_encrypted(host, session_id="2")
+                    assert reply["code"] == "STORAGE_UNAVAILABLE", reply
+                finally:
+                    assert _immutable(wal, False)
+                for _ in range(250):  # the node probes about once a second
+                    if (await _http_health(url))["ledger"] == "ok":
+                        break
+                    await trio.sleep(0.2)
+                assert (await client.init_encrypted(host, session_id="3"))["type"] == (
+                    "session_init_ack"
+                )
+    assert any("ledger write failed" in line for line in log)
+    assert any("ledger writes work again" in line for line in log)
