@@ -207,7 +207,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     model_map = parse_model_map(args.upstream_model_map) if args.upstream_model_map else {}
     from node.server.remote import parse_trusted_proxies
 
-    proxies = tuple(str(n) for n in parse_trusted_proxies(args.trusted_proxies))
+    try:
+        proxies = tuple(str(n) for n in parse_trusted_proxies(args.trusted_proxies))
+    except ValueError as exc:
+        raise ValueError(f"--trusted-proxies: {exc}") from None
     allowed = None
     if args.allowed_clients:
         allowed = frozenset(a.strip().lower() for a in args.allowed_clients.split(",") if a)

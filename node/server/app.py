@@ -26,7 +26,7 @@ from node.server.http import (
     read_request,
     write_response,
 )
-from node.server.remote import client_address
+from node.server.remote import parse_trusted_proxies, remote_address
 
 log = logging.getLogger("node.server")
 
@@ -138,6 +138,7 @@ class NodeServer:
         self.ctx = ctx
         self.router = build_router(ctx)
         self._pending_upgrades = 0
+        self._trusted = parse_trusted_proxies(",".join(ctx.config.trusted_proxies))
         ctx.metrics.live_states = ctx.live_states
         ctx.metrics.storage = ctx.storage
 
@@ -163,8 +164,8 @@ class NodeServer:
                 return
             request, raw = got
             if request.path == WS_PATH and request.is_websocket_upgrade():
-                remote = client_address(
-                    _peer_host(stream), request.headers, self.ctx.trusted_proxies
+                remote = remote_address(
+                    _peer(stream), request.headers.get("x-forwarded-for"), self._trusted
                 )
                 await self._websocket(ReplayStream(raw, stream), stream, conn, remote)
                 return
@@ -284,16 +285,16 @@ async def open_listeners(
     return [trio.SocketListener(sock)]
 
 
-def _peer_host(stream: trio.abc.Stream) -> str | None:
-    """The remote IP of a socket stream (None for memory streams in tests)."""
+def _peer(stream: trio.abc.Stream) -> str | None:
+    """The IP address of a socket stream's peer (None for other streams)."""
     sock = getattr(stream, "socket", None)
     if sock is None:
         return None
     try:
-        peer = sock.getpeername()
+        name = sock.getpeername()
     except OSError:
         return None
-    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+    return str(name[0]) if isinstance(name, tuple) else None
 
 
 def _leaf_types(exc: BaseException) -> str:

@@ -16,7 +16,6 @@ from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.replay import ReplayCache
 from node.protocol.storage import StorageHealth
 from node.server.metrics import NodeMetrics
-from node.server.remote import IPNetwork, parse_trusted_proxies
 
 if TYPE_CHECKING:
     from node.server.driver import ConnectionDriver
@@ -70,7 +69,6 @@ class NodeContext:
         )
     )
     address_limiter: AddressRateLimiter | None = None
-    trusted_proxies: tuple[IPNetwork, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -78,8 +76,6 @@ class NodeContext:
             self.address_limiter = AddressRateLimiter(
                 burst=c.address_init_burst, refill_per_s=c.address_init_rate, clock=self.clock
             )
-        if not self.trusted_proxies and c.trusted_proxies:
-            self.trusted_proxies = parse_trusted_proxies(c.trusted_proxies)
 
     def protocol_config(self) -> ProtocolConfig:
         c = self.config

@@ -160,12 +160,12 @@ class ConnectionDriver:
         ctx: NodeContext,
         ws: WebSocketConnection,
         connection_id: int,
-        remote_address: str | None = None,
+        remote: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.ws = ws
         self.id = connection_id
-        self.remote_address = remote_address
+        self.remote = remote  # the client's IP address (see node.server.remote)
         extra = {} if ctx.rng is None else {"rng": ctx.rng}
         self.state = ConnectionState(
             host_key=ctx.host_key,
@@ -173,7 +173,7 @@ class ConnectionDriver:
             clock=ctx.clock,
             config=ctx.protocol_config(),
             address_limiter=ctx.address_limiter,
-            remote_address=remote_address,
+            remote_address=remote,
             admission=ctx.storage.admit,
             **extra,
         )

@@ -1,88 +1,72 @@
-"""Who is on the other end of a connection: the peer's address, or the client behind a
-trusted reverse proxy (``--trusted-proxies``).
+"""Who is on the other end of a connection: the peer address, or the client's address
+as reported by a reverse proxy the operator trusts (``--trusted-proxies``).
 
-``X-Forwarded-For`` is a comma-separated list that every proxy on the way appends the
-address it saw to. Only the entries added by proxies we trust can be believed, so the
-list is read from the right: while the hop that handed us the connection is a trusted
-proxy, step to the address it reports; the first address that is not a trusted proxy is
-the client. Without ``--trusted-proxies`` the header is ignored (anyone can send it), and
-the client is the socket's peer. Parsing is one split of a header h11 has already bounded
-(16 KiB); at most :data:`MAX_HOPS` entries are looked at.
-
-The node uses the result for the per-address session allowances (and for the log).
+``X-Forwarded-For`` is believed only when the TCP peer is a trusted proxy, and then read
+from the right: each trusted proxy appends the address it saw, so the first entry from
+the right that is not a trusted proxy is the client. Anyone else can write anything in
+that header, so without ``--trusted-proxies`` it is ignored.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-MAX_HOPS = 32
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_FORWARDED_ENTRIES = 32
 
 
-def parse_trusted_proxies(text: str | Iterable[str] | None) -> tuple[IPNetwork, ...]:
-    """``"10.0.0.1, 192.168.0.0/16, ::1"`` as networks; ValueError names a bad entry."""
-    if text is None:
-        return ()
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out: list[IPNetwork] = []
-    for item in items:
-        entry = item.strip()
-        if not entry:
+def parse_trusted_proxies(text: str | None) -> tuple[Network, ...]:
+    """``"127.0.0.1,10.0.0.0/8,::1"`` -> networks; raises ValueError naming a bad entry."""
+    out: list[Network] = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
             continue
         try:
-            out.append(ipaddress.ip_network(entry, strict=False))
+            out.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             raise ValueError(
-                f"--trusted-proxies: {entry[:64]!r} is not an IP address or network"
+                f"{item[:60]!r} is not an IP address or network (e.g. 10.0.0.0/8)"
             ) from None
     return tuple(out)
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip()
-    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
+    if text.startswith("[") and "]" in text:  # [v6]:port
         text = text[1 : text.index("]")]
-    elif text.count(":") == 1:  # "203.0.113.7:51000"
+    elif text.count(":") == 1:  # v4:port
         text = text.split(":", 1)[0]
     try:
-        address = ipaddress.ip_address(text)
+        return ipaddress.ip_address(text)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
-def _trusted(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, proxies: tuple[IPNetwork, ...]
-) -> bool:
-    """Whether ``ip`` is in one of the configured proxy networks (nothing secret here)."""
-    return any(ip.version == net.version and ip in net for net in proxies)
+def _trusted(address: str, networks: Iterable[Network]) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip in net for net in networks)
 
 
-def client_address(
-    peer: str | None, headers: Mapping[str, str], trusted_proxies: tuple[IPNetwork, ...]
+def remote_address(
+    peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]
 ) -> str | None:
-    """The client's IP address as text (``None`` when the peer is unknown).
+    """The client's address: ``peer``, or from ``X-Forwarded-For`` behind trusted proxies.
 
-    ``peer`` is the socket's remote host; ``headers`` the request's, lower-case names.
+    Linear in the header (which the HTTP reader already bounds to 16 KiB); at most
+    :data:`MAX_FORWARDED_ENTRIES` entries from the right are examined.
     """
-    if peer is None:
-        return None
-    current = _ip(peer)
-    if current is None:
-        return peer[:64]
-    if not trusted_proxies or not _trusted(current, trusted_proxies):
-        return str(current)
-    forwarded = headers.get("x-forwarded-for", "")
-    hops = [h for h in forwarded.split(",")[-MAX_HOPS:] if h.strip()] if forwarded else []
-    for hop in reversed(hops):
-        address = _ip(hop)
-        if address is None:
-            break  # garbage in the chain: stop at the last hop we could trust
-        current = address
-        if not _trusted(current, trusted_proxies):
+    if peer is None or not trusted or not forwarded_for or not _trusted(peer, trusted):
+        return peer
+    entries = forwarded_for.rsplit(",", MAX_FORWARDED_ENTRIES)[-MAX_FORWARDED_ENTRIES:]
+    client = peer
+    for entry in reversed(entries):
+        ip = _ip(entry)
+        if ip is None:
+            break  # garbage: stop at the last address a trusted proxy vouched for
+        client = str(ip)
+        if not any(ip in net for net in trusted):
             break
-    return str(current)
+    return client
