@@ -133,12 +133,12 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         return 2
     counts = dict.fromkeys(VerificationStatus, 0)
     failed = False
-    audit = ChainAudit()
 
     def say(line: str) -> None:
         out.write(printable(line) + "\n")
 
     with _open(args) as store:
+        audit = ChainAudit(store.epochs())
         for stored in store.iter_receipts():
             for problem in audit.feed(stored):
                 say(f"chain: BROKEN: {problem}")
@@ -152,7 +152,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
                 say(f"receipt {stored.sequence}: unsigned: {verdict.reason}")
             else:
                 say(f"receipt {stored.sequence}: valid: {verdict.reason}")
-        for problem in audit.finish(store.epochs()):
+        for problem in audit.finish():
             say(f"chain: BROKEN: {problem}")
         open_sessions = store.sessions_without_receipt()
     if open_sessions:

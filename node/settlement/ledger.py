@@ -205,18 +205,45 @@ class ChainAudit:
     :meth:`finish`. Each returns the problems found, as text. Found: a gap in the
     sequence numbers (receipts removed), a ``prev_hash`` that is not the hash of the
     previous receipt (removed, altered or re-ordered history), a version 1 receipt after
-    chained ones, and a tail shorter than the one a later node start recorded (receipts
+    chained ones, a receipt signed under an epoch this ledger never started or outside
+    the span of its epoch (an epoch runs from the receipt it started after to the one the
+    next epoch started after: a receipt from another copy of the ledger, as after a
+    restore), and a tail shorter than the one a later node start recorded (receipts
     removed at the end). Version 1 receipts before the first chained one are checked for
     gaps only: the chain starts at the first version 2 receipt, which links to its
     predecessor whatever that one's version.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, epochs: list[EpochRow] | None = None) -> None:
         self.expected = 1
         self.count = 0
         self.chained = False
         self.problems = 0
         self.last: StoredReceipt | None = None
+        self.epochs = list(epochs or [])
+        # epoch -> (after_sequence, the after_sequence of the next start or None)
+        self._spans: dict[str, tuple[int, int | None]] = {
+            row.epoch: (
+                row.after_sequence,
+                self.epochs[i + 1].after_sequence if i + 1 < len(self.epochs) else None,
+            )
+            for i, row in enumerate(self.epochs)
+        }
+
+    def _epoch_problem(self, seq: int, epoch: object) -> str | None:
+        if not self._spans:
+            return None  # a ledger without the epochs table (read, not migrated)
+        span = self._spans.get(epoch) if isinstance(epoch, str) else None
+        if span is None:
+            return f"receipt {seq} is signed under epoch {epoch}, which this ledger never started"
+        after, until = span
+        if seq <= after or (until is not None and seq > until):
+            end = "" if until is None else f" and ended after receipt {until}"
+            return (
+                f"receipt {seq} is signed under epoch {epoch}, which started after receipt "
+                f"{after}{end} (a receipt from another copy of the ledger)"
+            )
+        return None
 
     def feed(self, stored: StoredReceipt) -> list[str]:
         out: list[str] = []
@@ -236,6 +263,9 @@ class ChainAudit:
                 out.append(f"receipt {seq} is a version 1 receipt after chained ones")
         else:
             self.chained = True
+            problem = self._epoch_problem(seq, stored.columns.get("ledger_epoch"))
+            if problem is not None:
+                out.append(problem)
             if seq == 1:
                 if prev_hash is not None:
                     out.append("receipt 1 names a predecessor (prev_hash is not null)")
@@ -256,10 +286,10 @@ class ChainAudit:
         self.problems += len(out)
         return out
 
-    def finish(self, epochs: list[EpochRow]) -> list[str]:
+    def finish(self) -> list[str]:
         out: list[str] = []
         last = self.last.sequence if self.last is not None else 0
-        for row in epochs:
+        for row in self.epochs:
             if row.after_sequence > last:
                 out.append(
                     f"the ledger ends at receipt {last}, but epoch {row.epoch} started "

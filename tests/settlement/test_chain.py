@@ -202,7 +202,11 @@ async def test_every_node_start_is_a_new_epoch_and_workers_share_it(
 
 
 async def test_a_restore_reissues_numbers_under_a_new_epoch_from_the_same_link(
-    ledger_path: Path, host_key: HostKey, wall_clock: FakeWallClock, tmp_path: Path
+    ledger_path: Path,
+    host_key: HostKey,
+    wall_clock: FakeWallClock,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The documented audit: two signed receipts with one sequence number, different
     epochs, the same prev_hash: the history forked at a restore."""
@@ -222,6 +226,47 @@ async def test_a_restore_reissues_numbers_under_a_new_epoch_from_the_same_link(
     assert lost.receipt != again.receipt
     assert lost.receipt.ledger_epoch != again.receipt.ledger_epoch
     assert lost.receipt.prev_hash == again.receipt.prev_hash  # a fork of the chain
+    code, out = verify(ledger_path, capsys)
+    assert code == 0, out  # the restored ledger is whole in itself
+    # The receipt lost with the restore, put back in place of the re-issued one: each
+    # link holds (same prev_hash), but its epoch had ended by then.
+    _replace_row(ledger_path, lost)
+    code, out = verify(ledger_path, capsys)
+    assert code == 1
+    assert f"receipt 3 is signed under epoch {lost.receipt.ledger_epoch}, which started " in out
+    assert "and ended after receipt 2 (a receipt from another copy of the ledger)" in out
+
+
+async def test_a_receipt_from_an_epoch_never_started_here_is_reported(
+    ledger: Ledger, ledger_path: Path, host_key: HostKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [signed] = await add_receipts(ledger, 1)
+    ledger.close()
+    foreign = sign_receipt(
+        Receipt(**{**_fields(signed.receipt), "ledger_epoch": "cd" * 16}), host_key
+    )
+    _replace_row(ledger_path, foreign)
+    code, out = verify(ledger_path, capsys)
+    assert code == 1
+    assert f"receipt 1 is signed under epoch {'cd' * 16}, which this ledger never started" in out
+
+
+def _replace_row(path: Path, signed: SignedReceipt) -> None:
+    r = signed.receipt
+    with connect(path) as conn:
+        conn.execute(
+            "UPDATE receipts SET started_at = ?, ended_at = ?, ledger_epoch = ?, "
+            "prev_hash = ?, canonical_json = ?, signature = ? WHERE sequence = ?",
+            (
+                r.started_at,
+                r.ended_at,
+                r.ledger_epoch,
+                r.prev_hash,
+                r.canonical_json(),
+                signed.signature_hex,
+                r.sequence,
+            ),
+        )
 
 
 def _restore(backup: Path, ledger_path: Path) -> None:
