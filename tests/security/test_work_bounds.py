@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 from coincurve import PrivateKey
@@ -32,6 +33,26 @@ from node.settlement.service import LedgerAccounting
 from tests.security._support import FixedClock
 from tests.server._support import DEV_HOST_KEY_HEX, RunningNode, init_frame
 from tests.server.conftest import NodeFactory
+
+
+class SettledCounter(LedgerAccounting):
+    """LedgerAccounting that lets a test wait until N sessions have been settled."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.settled = 0
+        self._changed = trio.Event()
+
+    async def session_ended(self, session: Any, reason: str) -> None:
+        await super().session_ended(session, reason)
+        self.settled += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_settled(self, count: int) -> None:
+        while self.settled < count:
+            await self._changed.wait()
+
 
 INIT_RATE = 441.0  # inits per second the review reached
 BURST = 60
@@ -207,7 +228,8 @@ async def test_a_plaintext_reinit_storm_writes_no_receipts(
 ) -> None:
     node = await node_factory.start(address_init_burst=20, address_init_rate=0.0, max_errors=1_000)
     ledger = Ledger.open(tmp_path / "ledger.sqlite3", host_key=node.ctx.host_key)
-    node.ctx.accounting = LedgerAccounting(ledger, health=node.ctx.storage)
+    accounting = SettledCounter(ledger, health=node.ctx.storage)
+    node.ctx.accounting = accounting
     answers: dict[str, int] = {}
     with trio.fail_after(60):
         for _ in range(10):  # 10 connections, 50 re-inits each with a new job id
@@ -219,7 +241,7 @@ async def test_a_plaintext_reinit_storm_writes_no_receipts(
                     reply = json.loads(await ws.get_message())
                     key = reply.get("code", reply["type"])
                     answers[key] = answers.get(key, 0) + 1
-        await node.wait_no_connections()
+        await accounting.wait_settled(answers["session_init_ack"])  # every session ended
     ledger.close()
     assert answers["session_init_ack"] == 20
     conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
@@ -235,7 +257,8 @@ async def test_receipts_are_bounded_by_sessions_that_ran_a_request(
 ) -> None:
     node = await node_factory.start(address_init_burst=8, address_init_rate=0.0)
     ledger = Ledger.open(tmp_path / "ledger.sqlite3", host_key=node.ctx.host_key)
-    node.ctx.accounting = LedgerAccounting(ledger, health=node.ctx.storage)
+    accounting = SettledCounter(ledger, health=node.ctx.storage)
+    node.ctx.accounting = accounting
     with trio.fail_after(60):
         for c in range(4):
             async with raw_ws(node, []) as ws:
@@ -248,7 +271,8 @@ async def test_receipts_are_bounded_by_sessions_that_ran_a_request(
                     await ws.send_message(json.dumps(session.message_frame({"prompt": "hi"})))
                     while json.loads(await ws.get_message())["type"] != "stream_end":
                         pass
-        await node.wait_no_connections()
+        # A connection's sessions are settled after it leaves the driver set.
+        await accounting.wait_settled(8)
     ledger.close()
     conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
     try:
@@ -256,3 +280,61 @@ async def test_receipts_are_bounded_by_sessions_that_ran_a_request(
     finally:
         conn.close()
     assert receipts == 8  # one per allowed session that was served; 20 were attempted
+
+
+def test_prompt_opened_sessions_take_the_same_allowances() -> None:
+    """Old clients open plaintext sessions with a prompt: each new session id (and the
+    anonymous session, once) takes from the same buckets as a session_init."""
+    clock = FixedClock()
+    limiter = AddressRateLimiter(burst=3, refill_per_s=0.0, clock=clock)
+
+    def state() -> ConnectionState:
+        return ConnectionState(
+            host_key=None,
+            replay_cache=InitReplayCache(window_s=900, clock=clock),
+            clock=clock,
+            config=ProtocolConfig(max_errors=10**9, init_burst=100),
+            address_limiter=limiter,
+            remote_address="192.0.2.5",
+        )
+
+    def prompt(s: ConnectionState, session_id: str | None) -> str:
+        frame: dict[str, object] = {"type": "prompt", "prompt": "hi", "id": 1}
+        if session_id is not None:
+            frame["session_id"] = session_id
+        actions = s.receive(decode(json.dumps(frame)))
+        sent = [a.message for a in actions if isinstance(a, Send)]
+        errors = [m.code for m in sent if isinstance(m, ErrorMessage)]
+        if not errors:
+            s.finish("stop", prompt_tokens=1)  # the request "ran"; the next may start
+        return errors[0] if errors else "started"
+
+    first = state()
+    assert prompt(first, None) == "started"  # the anonymous session: one token
+    assert prompt(first, None) == "started"  # the same anonymous session: none
+    assert prompt(first, "11") == "started"
+    assert prompt(first, "11") == "started"  # an open session costs nothing more
+    second = state()  # reconnecting does not help
+    assert prompt(second, "12") == "started"
+    assert prompt(second, "13") == "RATE_LIMITED"
+    assert prompt(second, None) == "RATE_LIMITED"
+
+
+async def test_a_request_that_used_no_tokens_stores_nothing(tmp_path: Path) -> None:
+    from node.inference.base import GenerationResult
+    from node.protocol.connection import Session
+
+    ledger = Ledger.open(tmp_path / "ledger.sqlite3", host_key=None, offload=False)
+    accounting = LedgerAccounting(ledger)
+    session = Session("7", None, 0, encrypted=False, created_at=0.0)
+    await accounting.session_started(session)
+    await accounting.request_finished(session, 1, GenerationResult("cancelled", 0, 0))
+    await accounting.session_ended(session, "disconnect")
+    counted = Session("8", None, 0, encrypted=False, created_at=0.0)
+    await accounting.session_started(counted)
+    await accounting.request_finished(counted, 1, GenerationResult("error", 5, 0))
+    await accounting.session_ended(counted, "disconnect")
+    rows = ledger.store.receipts_page()
+    ledger.close()
+    assert [r.columns["session_id"] for r in rows] == ["8"]  # only the one that used tokens
+    assert accounting.receipts_skipped == 1
