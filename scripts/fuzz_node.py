@@ -52,7 +52,7 @@ from node.crypto.errors import DecryptionFailed, ErrorCode  # noqa: E402
 from node.crypto.hostkey import HostKey  # noqa: E402
 from node.crypto.session_init import seal_session_init  # noqa: E402
 
-VECTORS = REPO.parent / "shared" / "vectors" / "sdk" / "session_init_dev.json"
+VECTORS = REPO / "tests" / "vectors" / "sdk" / "session_init_dev.json"
 HOSTILE_MODELS = (
     "echo\n1    2099-01-01T00:00:00.000Z  forged  1  echo  1  1  0  0  yes  disconnect",
     "echo\x1b[2J\x1b]0;title\x07",
