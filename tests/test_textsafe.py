@@ -58,8 +58,8 @@ def test_printable_is_linear() -> None:
     assert len(printable(text)) == 4 * 200_000
 
 
-def _record(msg: str, **extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("node.server", logging.INFO, __file__, 1, msg, (), None)
+def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("node.server", logging.INFO, __file__, 1, msg, args, None)
     for key, value in extra.items():
         setattr(record, key, value)
     return record
@@ -73,6 +73,10 @@ def test_text_log_lines_escape_client_chosen_values() -> None:
     assert "\x1b" not in line
     assert "\u202e" not in line
     assert "session=1\\x0a12:00:00" in line
+    message = TextFormatter().format(_record("model %s", "m\n12:00:00 ERROR forged\x1b[2J"))
+    assert "\n" not in message
+    assert "\x1b" not in message
+    assert "model m\\x0a12:00:00 ERROR forged\\x1b[2J" in message
     json_line = JsonFormatter().format(_record("x\ny", session="\x1b"))
     assert "\n" not in json_line
     assert "\x1b" not in json_line
