@@ -137,6 +137,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=_env("ALLOWED_CLIENTS"),
         help="comma-separated client addresses allowed to open encrypted sessions",
     )
+    p.add_argument(
+        "--protocols",
+        default=_env("PROTOCOLS", "v1,v2"),
+        help="WebSocket protocols to serve, comma separated: v1 (/v1/ws), v2 (/v2/ws, needs "
+        "the host key); default v1,v2",
+    )
     p.add_argument("--ledger", default=_env("LEDGER"), help="SQLite ledger path")
     p.add_argument(
         "--on-ledger-failure",
@@ -203,6 +209,21 @@ def _port(text: str) -> int:
     return value
 
 
+KNOWN_PROTOCOLS = ("v1", "v2")
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """``v1,v2`` -> ("v1", "v2"): known names, no repeats, at least one, in that order."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in KNOWN_PROTOCOLS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"--protocols {text[:40]!r} is not a list of protocols (comma separated, each "
+            "once: v1, v2)"
+        )
+    return tuple(p for p in KNOWN_PROTOCOLS if p in names)
+
+
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     model_map = parse_model_map(args.upstream_model_map) if args.upstream_model_map else {}
     from node.server.remote import parse_trusted_proxies
@@ -238,6 +259,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_errors=args.max_errors,
         allowed_clients=allowed,
         ledger_path=args.ledger,
+        protocols=parse_protocols(args.protocols),
         workers=args.workers,
         log_level=args.log_level,
         log_format=args.log_format,

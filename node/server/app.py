@@ -16,6 +16,7 @@ from node.crypto.errors import InvalidHexEncoding
 from node.protocol.storage import LEDGER, REPLAY_CACHE
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
+from node.server.driver_v2 import ConnectionDriverV2
 from node.server.http import (
     HttpError,
     HttpRequest,
@@ -31,6 +32,8 @@ from node.server.remote import parse_trusted_proxies, remote_address
 log = logging.getLogger("node.server")
 
 WS_PATH = "/v1/ws"
+WS_V2_PATH = "/v2/ws"
+WS_PATHS = {WS_PATH: "v1", WS_V2_PATH: "v2"}
 HANDSHAKE_TIMEOUT_S = 10.0
 WS_RECEIVE_BUFFER = 65536
 
@@ -68,6 +71,7 @@ def build_router(ctx: NodeContext) -> Router:
                 "name": "llm-node",
                 "version": __version__,
                 "protocol_version": PROTOCOL_VERSION,
+                "protocols": list(ctx.protocols()),
                 "features": features,
             },
         )
@@ -115,7 +119,10 @@ def build_router(ctx: NodeContext) -> Router:
             200, ctx.metrics.render().encode(), content_type="text/plain; version=0.0.4"
         )
 
-    async def ws_without_upgrade(_: HttpRequest) -> HttpResponse:
+    async def ws_without_upgrade(request: HttpRequest) -> HttpResponse:
+        refused = protocol_refused(ctx, request.path)
+        if refused is not None:
+            return refused
         return HttpResponse.error(
             426, "this path is the WebSocket endpoint", headers=[("upgrade", "websocket")]
         )
@@ -128,7 +135,22 @@ def build_router(ctx: NodeContext) -> Router:
     router.add("POST", "/v1/auth/challenge", challenge)
     router.add("GET", "/metrics", metrics)
     router.add("GET", WS_PATH, ws_without_upgrade)
+    router.add("GET", WS_V2_PATH, ws_without_upgrade)
     return router
+
+
+def protocol_refused(ctx: NodeContext, path: str) -> HttpResponse | None:
+    """An HTTP error when ``path`` is the endpoint of a protocol this node does not serve."""
+    protocol = WS_PATHS[path]
+    served = ctx.protocols()
+    if protocol in served:
+        return None
+    if protocol == "v2" and "v2" in ctx.config.protocols:
+        why = "protocol v2 needs a host key and this node has none (plaintext-only)"
+    else:
+        why = f"protocol {protocol} is disabled on this node (--protocols)"
+    alternatives = ", ".join(f"{p} at /{p}/ws" for p in served) or "none"
+    return HttpResponse.error(403, f"{why}; it serves {alternatives}")
 
 
 class NodeServer:
@@ -163,11 +185,19 @@ class NodeServer:
             if got is None:
                 return
             request, raw = got
-            if request.path == WS_PATH and request.is_websocket_upgrade():
+            if request.path in WS_PATHS and request.is_websocket_upgrade():
+                refused = protocol_refused(self.ctx, request.path)
+                if refused is not None:
+                    self.ctx.metrics.protocol_refused[WS_PATHS[request.path]] += 1
+                    self.ctx.metrics.http_requests[str(refused.status)] += 1
+                    await _quiet(write_response(stream, conn, refused))
+                    return
                 remote = remote_address(
                     _peer(stream), request.headers.get("x-forwarded-for"), self._trusted
                 )
-                await self._websocket(ReplayStream(raw, stream), stream, conn, remote)
+                await self._websocket(
+                    ReplayStream(raw, stream), stream, conn, WS_PATHS[request.path], remote
+                )
                 return
             try:
                 response = await self.router.dispatch(request)
@@ -183,6 +213,7 @@ class NodeServer:
         replay: ReplayStream,
         raw_stream: trio.abc.Stream,
         conn: Any,
+        protocol: str,
         remote: str | None = None,
     ) -> None:
         ctx = self.ctx
@@ -222,7 +253,10 @@ class NodeServer:
                 finally:
                     self._pending_upgrades -= 1
                 if ws is not None:
-                    await ConnectionDriver(ctx, ws, connection_id, remote).run()
+                    if protocol == "v2":
+                        await ConnectionDriverV2(ctx, ws, connection_id).run()
+                    else:
+                        await ConnectionDriver(ctx, ws, connection_id, remote).run()
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One connection failing must never take the node down. trio-websocket's reader
@@ -267,7 +301,7 @@ class NodeServer:
                     await ctx.all_closed.wait()
             connections.cancel_scope.cancel()
         for key_holder in list(ctx.drivers):  # pragma: no cover - defensive
-            key_holder.state.close("shutdown")
+            key_holder.wipe_keys()
 
 
 async def open_listeners(

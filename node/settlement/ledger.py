@@ -142,6 +142,9 @@ class StoredReceipt:
                 started_at=c["started_at"],
                 ended_at=c["ended_at"],
                 end_reason=c["end_reason"],
+                # Columns a ledger from before schema steps 3 and 4 (read, not
+                # migrated) does not have: their values for the receipts it holds.
+                protocol=c.get("protocol") or "v1",
                 ledger_epoch=c.get("ledger_epoch"),
                 prev_hash=c.get("prev_hash"),
             )
@@ -571,7 +574,8 @@ class LedgerStore:
     ) -> int:
         cur = conn.execute(
             "INSERT INTO sessions (session_id, job_id, chain_id, client_address, model, "
-            "price_per_token, encrypted, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "price_per_token, encrypted, started_at, protocol) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 identity.session_id,
                 _decimal_or_none(identity.job_id),
@@ -581,6 +585,7 @@ class LedgerStore:
                 str(identity.price_per_token),
                 int(identity.encrypted),
                 started_at,
+                identity.protocol,
             ),
         )
         uid = cur.lastrowid
@@ -666,6 +671,7 @@ class LedgerStore:
             started_at=started_at,
             ended_at=ended_at,
             end_reason=end_reason,
+            protocol=identity.protocol,
             ledger_epoch=self.epoch,
             prev_hash=prev_hash,
         )
@@ -675,8 +681,8 @@ class LedgerStore:
             "chain_id, client_address, host_address, model, prompt_tokens, "
             "completion_tokens, total_tokens, request_count, price_per_token, amount, "
             "encrypted, started_at, ended_at, end_reason, canonical_json, signature, signed, "
-            "ledger_epoch, prev_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "protocol, ledger_epoch, prev_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 receipt.sequence,
                 uid,
@@ -700,6 +706,7 @@ class LedgerStore:
                 receipt.canonical_json(),
                 signed.signature_hex,
                 int(signed.signed),
+                receipt.protocol,
                 receipt.ledger_epoch,
                 receipt.prev_hash,
             ),
@@ -744,12 +751,12 @@ class LedgerStore:
         with self._locked("recover open sessions") as conn, self._transaction(conn):
             rows = conn.execute(
                 "SELECT s.session_uid, s.session_id, s.job_id, s.chain_id, s.client_address, "
-                "s.model, s.price_per_token, s.encrypted, s.started_at, "
+                "s.model, s.price_per_token, s.encrypted, s.started_at, s.protocol, "
                 "(SELECT MAX(created_at) FROM requests r WHERE r.session_uid = s.session_uid) "
                 "FROM sessions s LEFT JOIN receipts x ON x.session_uid = s.session_uid "
                 "WHERE x.sequence IS NULL ORDER BY s.session_uid"
             ).fetchall()
-            for uid, sid, job, chain, client, model, price, enc, started, last in rows:
+            for uid, sid, job, chain, client, model, price, enc, started, proto, last in rows:
                 try:
                     identity = SessionIdentity(
                         session_id=sid,
@@ -759,6 +766,7 @@ class LedgerStore:
                         model=model,
                         price_per_token=int(price),
                         encrypted=bool(enc),
+                        protocol=proto,
                     )
                 except (TypeError, ValueError) as exc:
                     raise LedgerError(

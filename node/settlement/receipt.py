@@ -28,6 +28,8 @@ Fields of the receipt object:
   IEEE doubles (anything above 2**53 - 1).
 - ``encrypted`` (bool), ``started_at`` and ``ended_at`` (ISO-8601 UTC with milliseconds,
   ``Z`` suffix), ``end_reason`` (e.g. ``disconnect``, ``reinit``, ``idle_timeout``).
+- ``protocol``: ``"v2"`` for a session over protocol v2 (``/v2/ws``). Absent for protocol
+  v1, so that v1 receipts keep exactly the fields and bytes they always had.
 
 Version 2 (written since the ledger became a hash chain) adds two fields; version 1
 receipts (without them) stay valid and verify as before:
@@ -63,7 +65,7 @@ from node.crypto.errors import CryptoError
 from node.crypto.hostkey import HostKey
 from node.crypto.secret import constant_time_equal
 from node.settlement.errors import ReceiptError
-from node.settlement.usage import MAX_TOKENS, MAX_UINT256, check_text, check_uint
+from node.settlement.usage import MAX_TOKENS, MAX_UINT256, PROTOCOLS, check_text, check_uint
 
 RECEIPT_TYPE = "llm-node.usage-receipt"
 RECEIPT_VERSION = 2
@@ -99,6 +101,8 @@ _FIELDS_V1 = frozenset(
     }
 )
 _FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"ledger_epoch", "prev_hash"}}
+#: Written only when not "v1" (a receipt of a protocol v1 session leaves it out).
+_PROTOCOL_FIELD = "protocol"
 
 
 def receipt_hash(canonical: str) -> str:
@@ -154,6 +158,7 @@ class Receipt:
     started_at: str
     ended_at: str
     end_reason: str
+    protocol: str = "v1"
     version: int = RECEIPT_VERSION
     ledger_epoch: str | None = None
     prev_hash: str | None = None
@@ -179,6 +184,8 @@ class Receipt:
         _optional_address("host_address", self.host_address)
         if not isinstance(self.encrypted, bool):
             raise ReceiptError("receipt field encrypted must be a bool")
+        if self.protocol not in PROTOCOLS:
+            raise ReceiptError(f"receipt field protocol must be one of {', '.join(PROTOCOLS)}")
         if self.version not in RECEIPT_VERSIONS or isinstance(self.version, bool):
             raise ReceiptError(f"unsupported receipt version {self.version!r}")
         if self.version == 1:
@@ -202,7 +209,7 @@ class Receipt:
         return self.total_tokens * self.price_per_token
 
     def to_json_object(self) -> dict[str, Any]:
-        obj = {
+        obj: dict[str, Any] = {
             "type": RECEIPT_TYPE,
             "version": self.version,
             "sequence": self.sequence,
@@ -223,6 +230,8 @@ class Receipt:
             "ended_at": self.ended_at,
             "end_reason": self.end_reason,
         }
+        if self.protocol != "v1":
+            obj[_PROTOCOL_FIELD] = self.protocol
         if self.version >= 2:
             obj["ledger_epoch"] = self.ledger_epoch
             obj["prev_hash"] = self.prev_hash
@@ -240,7 +249,7 @@ class Receipt:
         """Parse a receipt object strictly; derived fields must agree with the rest."""
         if not isinstance(obj, Mapping):
             raise ReceiptError("a receipt must be a JSON object")
-        keys = set(obj)
+        keys = set(obj) - {_PROTOCOL_FIELD}
         version = obj.get("version")
         # The field set of the version it claims (the constructor checks the version).
         fields = _FIELDS.get(version) if type(version) is int else None
@@ -269,9 +278,12 @@ class Receipt:
             started_at=obj["started_at"],
             ended_at=obj["ended_at"],
             end_reason=obj["end_reason"],
+            protocol=obj.get(_PROTOCOL_FIELD, "v1"),
             ledger_epoch=obj.get("ledger_epoch"),
             prev_hash=obj.get("prev_hash"),
         )
+        if obj.get(_PROTOCOL_FIELD) == "v1":
+            raise ReceiptError('a v1 receipt leaves out the protocol field (it is not "v1")')
         if obj["total_tokens"] != receipt.total_tokens:
             raise ReceiptError("total_tokens is not prompt_tokens + completion_tokens")
         if parse_decimal("amount", obj["amount"], limit=MAX_AMOUNT) != receipt.amount:

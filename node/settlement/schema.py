@@ -91,6 +91,13 @@ _V2 = (
 )
 
 _V3 = (
+    # The wire protocol a session came over ("v1" or "v2"); receipts of v2 sessions
+    # carry it in their signed text, v1 receipts leave it out (so they stay as they were).
+    "ALTER TABLE sessions ADD COLUMN protocol TEXT NOT NULL DEFAULT 'v1'",
+    "ALTER TABLE receipts ADD COLUMN protocol TEXT NOT NULL DEFAULT 'v1'",
+)
+
+_V4 = (
     # The hash chain (receipt version 2). Older rows keep NULL here: they are version 1
     # receipts and verify as before.
     "ALTER TABLE receipts ADD COLUMN ledger_epoch TEXT",
@@ -106,7 +113,7 @@ _V3 = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 #: Tables every ledger has from schema version 1 on (what `receipts` checks for).
 LEDGER_TABLES = frozenset({"meta", "sessions", "requests", "receipts"})
 LATEST_VERSION = len(MIGRATIONS)
