@@ -20,7 +20,7 @@ from coincurve import PrivateKey
 from node.crypto.curve import address_of
 from node.crypto.errors import NodeError
 from node.crypto.noise import SECP256K1, HandshakeState, KeyPair, TransportCipher
-from node.crypto.secret import SecretBytes
+from node.crypto.secret import SecretBytes, constant_time_equal
 from node.protocol.errors import ProtocolError
 from node.protocol.v2 import records as r
 from node.protocol.v2.session import SessionTerms, session_record_object, sign_session
@@ -314,7 +314,9 @@ class ClientConnectionV2:
                 _str(obj, "client_address", 64),
                 _str(obj, "model", 256),
             )
-            if accepted.client_address.lower() != self._signed_as.lower():
+            if not constant_time_equal(
+                accepted.client_address.lower().encode(), self._signed_as.lower().encode()
+            ):
                 self._die(UNEXPECTED_FRAME, "the node accepted the session for another address")
             self.state = "ready"
             return accepted
