@@ -254,7 +254,7 @@ class NodeServer:
                     self._pending_upgrades -= 1
                 if ws is not None:
                     if protocol == "v2":
-                        await ConnectionDriverV2(ctx, ws, connection_id).run()
+                        await ConnectionDriverV2(ctx, ws, connection_id, remote).run()
                     else:
                         await ConnectionDriver(ctx, ws, connection_id, remote).run()
                 nursery.cancel_scope.cancel()
