@@ -34,6 +34,13 @@ class NodeConfig:
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
     shutdown_grace_s: float = 5.0
+    max_sessions: int = 64  # sessions one connection may hold at once
+    init_burst: int = 10  # session inits (either mode) a connection may send at once ...
+    init_refill_per_s: float = 1.0  # ... and how fast that allowance comes back
+    n_gpu_layers: int = 0  # llama: layers offloaded to a GPU
+    default_max_tokens: int = 256  # llama, openai: when a request names none
+    default_temperature: float | None = None  # None: llama 0.7, openai the upstream's
+    trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For is believed
     ledger_path: str | None = None
     ledger_recover: bool = True  # workers leave recovery to the parent process
     workers: int = 1
@@ -46,4 +53,3 @@ class NodeConfig:
     # New sessions per network address and per client address, node-wide (0: no limit).
     address_init_burst: int = 60
     address_init_rate: float = 5.0
-    trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For is believed

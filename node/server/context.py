@@ -60,6 +60,8 @@ class NodeContext:
     rng: Callable[[int], bytes] | None = None
     drivers: set[StreamingDriver] = attrs.field(factory=set)
     shutting_down: bool = False
+    backend_loading: bool = False  # the startup load of the backend is running
+    backend_loaded: bool = False  # the backend said ready once (then /ready is 200)
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
     storage: StorageHealth = attrs.field(
@@ -89,6 +91,9 @@ class NodeContext:
             session_ttl_s=c.session_ttl_s,
             max_errors=c.max_errors,
             allowed_clients=c.allowed_clients,
+            max_sessions=c.max_sessions,
+            init_burst=c.init_burst,
+            init_refill_per_s=c.init_refill_per_s,
         )
 
     def live_states(self) -> list[tuple[str, int, int, int, int]]:

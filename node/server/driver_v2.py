@@ -205,6 +205,7 @@ class ConnectionDriverV2(StreamingDriver):
             elif isinstance(action, SessionStarted):
                 metrics.v2_handshakes["accepted"] += 1
                 metrics.v2_handshake_latency.observe(self._handshake_cpu)
+                self._log_session_started(action.session)
                 await ctx.accounting.session_started(action.session)
             elif isinstance(action, SessionEnded):
                 await ctx.accounting.session_ended(action.session, action.reason)

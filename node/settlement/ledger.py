@@ -574,8 +574,8 @@ class LedgerStore:
     ) -> int:
         cur = conn.execute(
             "INSERT INTO sessions (session_id, job_id, chain_id, client_address, model, "
-            "price_per_token, encrypted, started_at, protocol) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "price_per_token, encrypted, started_at, protocol, owner_pid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 identity.session_id,
                 _decimal_or_none(identity.job_id),
@@ -586,6 +586,7 @@ class LedgerStore:
                 int(identity.encrypted),
                 started_at,
                 identity.protocol,
+                os.getpid(),
             ),
         )
         uid = cur.lastrowid
@@ -741,11 +742,14 @@ class LedgerStore:
             )
         return uid, signed
 
-    def recover_open_sessions(self, *, host_key: HostKey | None) -> list[SignedReceipt]:
+    def recover_open_sessions(
+        self, *, host_key: HostKey | None, owner_pid: int | None = None
+    ) -> list[SignedReceipt]:
         """Receipts for sessions a previous process left open (it crashed or was killed).
 
         ``ended_at`` is the session's last recorded request (or its start): the last
-        moment the ledger knows it was alive.
+        moment the ledger knows it was alive. ``owner_pid``: only the sessions that this
+        (dead) process opened, for a multi-worker node whose other workers still run.
         """
         out: list[SignedReceipt] = []
         with self._locked("recover open sessions") as conn, self._transaction(conn):
@@ -754,7 +758,9 @@ class LedgerStore:
                 "s.model, s.price_per_token, s.encrypted, s.started_at, s.protocol, "
                 "(SELECT MAX(created_at) FROM requests r WHERE r.session_uid = s.session_uid) "
                 "FROM sessions s LEFT JOIN receipts x ON x.session_uid = s.session_uid "
-                "WHERE x.sequence IS NULL ORDER BY s.session_uid"
+                "WHERE x.sequence IS NULL AND (? IS NULL OR s.owner_pid = ?) "
+                "ORDER BY s.session_uid",
+                (owner_pid, owner_pid),
             ).fetchall()
             for uid, sid, job, chain, client, model, price, enc, started, proto, last in rows:
                 try:

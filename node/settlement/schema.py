@@ -98,6 +98,12 @@ _V3 = (
 )
 
 _V4 = (
+    # The process that opened the session: when one worker of a multi-worker node dies,
+    # the parent writes receipts for that worker's open sessions only.
+    "ALTER TABLE sessions ADD COLUMN owner_pid INTEGER",
+)
+
+_V5 = (
     # The hash chain (receipt version 2). Older rows keep NULL here: they are version 1
     # receipts and verify as before.
     "ALTER TABLE receipts ADD COLUMN ledger_epoch TEXT",
@@ -113,7 +119,7 @@ _V4 = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
 #: Tables every ledger has from schema version 1 on (what `receipts` checks for).
 LEDGER_TABLES = frozenset({"meta", "sessions", "requests", "receipts"})
 LATEST_VERSION = len(MIGRATIONS)

@@ -154,7 +154,12 @@ async def test_refuse_policy_stops_new_work_until_the_ledger_takes_writes(
                     await client.expect_error("STORAGE_UNAVAILABLE", request_id="q")
                 assert await accounting.probe() is False  # still failing
                 await client.ping()
+                async with httpx.AsyncClient(timeout=10) as http:
+                    ready = await http.get(node.url + "/ready")
+                assert (ready.status_code, ready.json()["status"]) == (503, "storage_unavailable")
             assert await accounting.probe() is True  # the disk has room again
+            async with httpx.AsyncClient(timeout=10) as http:
+                assert (await http.get(node.url + "/ready")).status_code == 200
             _, again = await client.init(node.host_public_key, session_id="3")
             assert (await client.ask(again, "accepted")).text == "accepted"
     accounting.ledger.close()
