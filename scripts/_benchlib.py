@@ -108,6 +108,24 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def group_rss_kib(pid: int) -> int:
+    """VmRSS of a process and of every live process in its process group, in KiB."""
+    try:
+        pgid = os.getpgid(pid)
+    except OSError:
+        return 0
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == pgid:
+                total += rss_kib(int(entry.name))
+        except OSError:
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its reaped children, in seconds."""
     try:
@@ -355,6 +373,7 @@ class Stats:
         self.first_token_s: list[float] = []
         self.decode_tok_s: list[float] = []
         self.latencies_ms: list[float] = []
+        self.worst_gaps_ms: list[float] = []
         self.text_sha256: list[str] = []
         self.request_s: list[float] = []
 
@@ -377,6 +396,7 @@ class Stats:
             "decode_tok_s": self.decode_tok_s,
             "request_s": self.request_s,
             "latencies_ms": [round(x, 3) for x in self.latencies_ms] if with_latencies else [],
+            "worst_gaps_ms": [round(x, 3) for x in self.worst_gaps_ms] if with_latencies else [],
             "text_sha256": self.text_sha256,
         }
 
@@ -529,12 +549,19 @@ class BenchConnection:
         finished = False
         t0 = monotonic()
         stats.t_start = min(stats.t_start, t0)
+        # The longest wait of this stream: request sent -> first frame, then between any
+        # two frames of it (chunks and the closing frames), as the user sees it.
+        last_at = t0
+        worst_gap = 0.0
         try:
             with trio.fail_after(cfg.request_timeout):
                 await ws.send_message(frame)
                 while True:
                     text = await ws.get_message()
                     now = monotonic()
+                    if now - last_at > worst_gap:
+                        worst_gap = now - last_at
+                    last_at = now
                     nbytes += len(text)
                     msg = loads(text)
                     kind = msg.get("type")
@@ -594,6 +621,8 @@ class BenchConnection:
         stats.bytes += nbytes
         stats.t_end = max(stats.t_end, monotonic())
         stats.request_s.append(monotonic() - t0)
+        if cfg.record_latency:
+            stats.worst_gaps_ms.append(worst_gap * 1000.0)
         if not finished:
             return
         text_bytes = b"".join(pieces)

@@ -129,6 +129,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "first_token_s": [],
         "decode_tok_s": [],
         "latencies_ms": [],
+        "worst_gaps_ms": [],
         "text_sha256": [],
         "request_s": [],
     }
@@ -137,7 +138,13 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     for r in results:
         for key in ("opened", "requests", "chunks", "tokens", "bytes", "errors"):
             out[key] += r.get(key, 0)
-        for key in ("error_samples", "first_token_s", "decode_tok_s", "latencies_ms"):
+        for key in (
+            "error_samples",
+            "first_token_s",
+            "decode_tok_s",
+            "latencies_ms",
+            "worst_gaps_ms",
+        ):
             out[key] += r.get(key, [])
         out["text_sha256"] += r.get("text_sha256", [])
         out["request_s"] += r.get("request_s", [])
@@ -161,7 +168,11 @@ def paired_ratio(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
     """A round without its long lists (for the JSON details)."""
-    return {k: v for k, v in r.items() if k not in ("latencies_ms", "text_sha256", "request_s")}
+    return {
+        k: v
+        for k, v in r.items()
+        if k not in ("latencies_ms", "worst_gaps_ms", "text_sha256", "request_s")
+    }
 
 
 class ClientGroup:
@@ -544,9 +555,7 @@ class Bench:
             "encrypted_p90_us": lib.percentile(enc_all, 90),
             "plaintext_p90_us": lib.percentile(pla_all, 90),
             "errors": errors,
-            "error_samples": [e for rs in got.values() for r in rs for e in r["error_samples"]][
-                :5
-            ],
+            "error_samples": [e for rs in got.values() for r in rs for e in r["error_samples"]][:5],
         }
         self.add(
             Row(
@@ -798,9 +807,17 @@ class Bench:
         self.say(
             f"B4: {sessions} concurrent encrypted sessions ({pieces} pieces x {delay_ms:.0f} ms)"
         )
+        workers = self.args.b4_workers
         node, port = await self.start_node(
             "b4-node",
-            cli=["--echo-delay-ms", str(delay_ms), "--max-connections", str(sessions + 500)],
+            cli=[
+                "--echo-delay-ms",
+                str(delay_ms),
+                "--max-connections",
+                str(sessions + 500),
+                "--workers",
+                str(workers),
+            ],
         )
         opts = [
             "--prompt-words",
@@ -814,7 +831,7 @@ class Bench:
             "120",
         ]
         await trio.sleep(0.5)
-        rss_before = lib.rss_kib(node.pid)
+        rss_before = lib.group_rss_kib(node.pid)
         alone = await self.start_clients("b4-alone", port, options=opts)
         await alone.round(1, 60, node)  # warm-up
         solo = await alone.round(1, 60, node)
@@ -825,13 +842,13 @@ class Bench:
         opened = group.opened
         setup_errors = group.setup_errors
         await trio.sleep(0.3)
-        rss_idle = lib.rss_kib(node.pid)
+        rss_idle = lib.group_rss_kib(node.pid)
         peak = rss_idle
 
         async def sample() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, lib.rss_kib(node.pid))
+                peak = max(peak, lib.group_rss_kib(node.pid))
                 await trio.sleep(0.02)
 
         async with trio.open_nursery() as nursery:
@@ -852,6 +869,9 @@ class Bench:
         p99_solo = lib.percentile(solo["latencies_ms"], 99)
         offered = sessions * 1000.0 / delay_ms
         offered_spread = sessions * pieces / (spread_s + pieces * delay_ms / 1000)
+        gaps = burst["worst_gaps_ms"]
+        gaps_spread = spread["worst_gaps_ms"]
+        gaps_solo = solo["worst_gaps_ms"]
 
         def lat_summary(values: list[float]) -> dict[str, float]:
             return {q: lib.percentile(values, float(q[1:])) for q in ("p50", "p90", "p99")} | {
@@ -872,19 +892,25 @@ class Bench:
             "rss_per_session_idle_kib": per_session_idle,
             "rss_per_session_peak_kib": per_session_peak,
             "solo": {"latency_ms": lat_summary(solo["latencies_ms"]), **summary(solo)},
+            "node_workers": workers,
+            "solo_worst_gap_ms": lat_summary(gaps_solo),
             "all_at_once": {
                 "offered_pieces_per_s": offered,
                 "latency_ms": lat_summary(lat),
+                "worst_gap_ms": lat_summary(gaps),
                 **summary(burst),
             },
             "spread": {
                 "spread_s": spread_s,
                 "offered_pieces_per_s": offered_spread,
                 "latency_ms": lat_summary(lat_spread),
+                "worst_gap_ms": lat_summary(gaps_spread),
                 **summary(spread),
             },
         }
         tag = "quick: fewer sessions" if q and not self.args.sessions else ""
+        if workers != 1:
+            tag = f"{tag}, --workers {workers}" if tag else f"--workers {workers}"
         self.add(
             Row(
                 "B4",
@@ -921,6 +947,21 @@ class Bench:
                 met=p99 <= 50,
             )
         )
+        gap_p99 = lib.percentile(gaps, 99)
+        self.add(
+            Row(
+                "B4",
+                f"per-stream worst gap between frames, all {sessions} at once: p99 "
+                f"(p50 {lib.percentile(gaps, 50):,.0f} ms, max {max(gaps, default=0):,.0f} ms, "
+                f"{sum(1 for g in gaps if g > 1000)} streams over 1 s)",
+                gap_p99,
+                "ms",
+                baseline_label="1 session alone",
+                baseline=lib.percentile(gaps_solo, 99),
+                goal="<= 1000 ms",
+                met=gap_p99 <= 1000 and errors == 0,
+            )
+        )
         self.add(
             Row(
                 "B4",
@@ -932,6 +973,19 @@ class Bench:
                 baseline=p99_solo,
                 goal="<= 50 ms",
                 met=p99_spread <= 50,
+                note="info",
+            )
+        )
+        self.add(
+            Row(
+                "B4",
+                f"per-stream worst gap, starts spread over {spread_s:.0f} s: p99 "
+                f"(p50 {lib.percentile(gaps_spread, 50):,.0f} ms, "
+                f"max {max(gaps_spread, default=0):,.0f} ms)",
+                lib.percentile(gaps_spread, 99),
+                "ms",
+                baseline_label="1 session alone",
+                baseline=lib.percentile(gaps_solo, 99),
                 note="info",
             )
         )
@@ -1169,6 +1223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(ALL), help="comma-separated measures, e.g. B1,B3")
     p.add_argument("--json", dest="json_path", help="where to write the results")
     p.add_argument("--sessions", type=int, default=0, help="B4 sessions (default 2000, quick 300)")
+    p.add_argument("--b4-workers", type=int, default=1, help="B4 node --workers (default 1)")
     p.add_argument(
         "--model-threads", type=int, default=1, help="B5 llama.cpp threads, both sides (default 1)"
     )
