@@ -46,11 +46,6 @@ class NoAccounting:
         await trio.lowlevel.checkpoint()
 
 
-def runnable_tasks() -> int:
-    """How many Trio tasks are waiting to run: the event loop's backlog right now."""
-    return trio.lowlevel.current_statistics().tasks_runnable
-
-
 @attrs.define(eq=False)
 class NodeContext:
     config: NodeConfig
@@ -61,7 +56,6 @@ class NodeContext:
     accounting: Accounting = attrs.field(factory=NoAccounting)
     clock: Callable[[], float] = trio.current_time
     rng: Callable[[int], bytes] | None = None
-    loop_load: Callable[[], int] = runnable_tasks  # injectable for tests
     drivers: set[ConnectionDriver] = attrs.field(factory=set)
     shutting_down: bool = False
     all_closed: trio.Event = attrs.field(factory=trio.Event)

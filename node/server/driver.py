@@ -83,26 +83,6 @@ def to_generation_request(request: InferenceRequest) -> GenerationRequest:
 # FRAME_OVERHEAD characters; one byte of UTF-8 text becomes at most MAX_EXPANSION characters
 # (a control character written as \u00XX in a plaintext chunk; hex in an encrypted one is 2).
 FRAME_OVERHEAD: Final = 1024
-
-# Overload. When many tasks wait to run (the event loop is behind: more streams than one
-# process can serve piece by piece), a chunk sender waits before it takes its next batch,
-# so that more pieces go into each frame: fewer frames, less CPU per token, and the
-# backends keep running meanwhile (their pieces queue in the channel, up to its bound).
-# The wait grows with the backlog and is capped, so every stream still gets a frame at
-# least every CONGESTED_MAX_WAIT_S plus the loop's own lag: none is starved, and trio's
-# run queue serves the senders in turn.
-CONGESTED_RUNNABLE: Final = 64
-CONGESTED_WAIT_PER_TASK_S: Final = 0.0002
-CONGESTED_MAX_WAIT_S: Final = 0.25
-
-
-def congestion_wait(runnable: int) -> float:
-    """How long a sender waits before its next batch when ``runnable`` tasks are queued."""
-    if runnable < CONGESTED_RUNNABLE:
-        return 0.0
-    return min(CONGESTED_MAX_WAIT_S, runnable * CONGESTED_WAIT_PER_TASK_S)
-
-
 MAX_EXPANSION: Final = 6
 MIN_TEXT_BUDGET: Final = 64
 
@@ -433,12 +413,10 @@ class ConnectionDriver:
         """Seal and send pieces; whatever queued up while we were sending goes as one.
 
         With ``config.coalesce`` off every piece is its own frame (benchmarks use this).
-        Under overload the sender waits a little between frames (see ``congestion_wait``).
         """
         metrics = self.ctx.metrics
         state = self.state
         coalesce = self.ctx.config.coalesce
-        loop_load = self.ctx.loop_load
         async with receive_channel:
             while True:
                 # Take what is queued without yielding; wait only when nothing is.
@@ -474,10 +452,6 @@ class ConnectionDriver:
                             return
                         metrics.chunks += 1
                         metrics.tokens += part_tokens
-                if coalesce:
-                    wait = congestion_wait(loop_load())
-                    if wait:
-                        await trio.sleep(wait)
 
     # ------------------------------------------------------------- output
 
