@@ -156,7 +156,7 @@ def recover_public_key(digest: bytes, signature: bytes) -> PublicKey:
     if len(digest) != 32:
         raise InvalidSignature("digest must be 32 bytes")
     recid = parse_recoverable_signature(signature)[2]
-    compact = signature if signature[64] == recid else signature[:64] + bytes((recid,))
+    compact = signature[:64] + bytes((recid,))
     try:
         return PublicKey.from_signature_and_message(compact, digest, hasher=None)
     except (ValueError, TypeError):

@@ -230,10 +230,6 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
                 recovery = decode_hex(recovery_raw, "recoveryPublicKey")
             except InvalidHexEncoding:
                 raise InvalidSessionData("recoveryPublicKey is not valid hex") from None
-            if len(recovery) not in (33, 65) or recovery[0] not in (2, 3, 4):
-                raise _recovery_key_error(recovery) or InvalidSessionData(
-                    "recoveryPublicKey is not a valid key"
-                )
         vdb = data.get("vectorDatabase")
         if vdb is not None and not isinstance(vdb, dict):
             raise InvalidSessionData("vectorDatabase must be an object")

@@ -339,6 +339,7 @@ class ConnectionDriver:
         result: GenerationResult | None = None
         error: NodeError | None = None
         accounted = False
+        final_usage: GenerationResult | None = None
         send_channel, receive_channel = trio.open_memory_channel[Piece](
             ctx.config.stream_queue_size
         )
@@ -373,39 +374,56 @@ class ConnectionDriver:
                 prompt_tokens = emit.prompt_tokens
                 estimated = emit.prompt_estimated
             usage = GenerationResult(finish, prompt_tokens, delivered, estimated)
+            final_usage = usage  # from here on, a cancel records this, not "cancelled"
+            closing: list[OutboundMessage] = []
+            if error is None and state.active is not None:
+                # The closing frames that carry no usage (the final chunk, the encrypted
+                # finish reason) go at once; stream_end, which reports the usage, only
+                # once the ledger has committed it. Under load many requests end in one
+                # group commit: each then has one frame left to send, not three.
+                closing = state.finish(
+                    finish, prompt_tokens=prompt_tokens, completion_tokens=delivered, hold=True
+                )
+                try:
+                    for frame in closing[:-1]:
+                        await self._send(frame)
+                except ConnectionClosed:
+                    self.end_reason = "disconnect"
+                    closing = []
             accounted = True
             await ctx.accounting.request_finished(session, action.request_id, usage)
             ctx.metrics.requests[finish] += 1
-            if state.active is None:
-                return  # the connection was closed underneath us
             if error is not None:
+                if state.active is None:
+                    return  # the connection was closed underneath us
                 actions = state.fail(
                     _wire_error(error), prompt_tokens=prompt_tokens, completion_tokens=delivered
                 )
                 await self._execute(actions)
             else:
-                for frame in state.finish(
-                    finish, prompt_tokens=prompt_tokens, completion_tokens=delivered
-                ):
-                    await self._send(frame)
+                if not closing or state.active is None:
+                    return  # the connection was closed underneath us
+                state.release()
+                await self._send(closing[-1])
             if self.closing:
                 await self._close(CLOSE_GOING_AWAY, "server shutdown")
         except ConnectionClosed:
             self.end_reason = "disconnect"
         finally:
             if not accounted:
-                # Cancelled by the connection ending: record what was delivered.
-                active = state.active
-                delivered = active.completion_tokens if active is not None else 0
-                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
-                    await ctx.accounting.request_finished(
-                        session,
-                        action.request_id,
-                        GenerationResult(
-                            "cancelled", emit.prompt_tokens, delivered, emit.prompt_estimated
-                        ),
+                # Cancelled by the connection ending: record what was delivered (or what
+                # the request had already come to, if it ended while its last frames went).
+                if final_usage is None:
+                    active = state.active
+                    final_usage = GenerationResult(
+                        "cancelled",
+                        emit.prompt_tokens,
+                        active.completion_tokens if active is not None else 0,
+                        emit.prompt_estimated,
                     )
-                ctx.metrics.requests["cancelled"] += 1
+                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
+                    await ctx.accounting.request_finished(session, action.request_id, final_usage)
+                ctx.metrics.requests[final_usage.finish_reason] += 1
 
     async def _encrypting_sender(
         self, receive_channel: trio.MemoryReceiveChannel[Piece], scope: trio.CancelScope
