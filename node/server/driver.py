@@ -26,6 +26,7 @@ from node.protocol.connection import (
     CancelRequest,
     Close,
     ConnectionState,
+    HoldTimer,
     PlaintextDeprecated,
     Send,
     SessionEnded,
@@ -44,6 +45,7 @@ from node.protocol.messages import (
     EncryptedChunk,
     EncryptedSessionInit,
     ErrorMessage,
+    InboundMessage,
     OutboundMessage,
     SessionInit,
     SessionInitAck,
@@ -172,6 +174,7 @@ class ConnectionDriver:
         self.close_code: int | None = None
         self._nursery: trio.Nursery | None = None
         self._request_scope: trio.CancelScope | None = None
+        self._hold_timer_running = False
         self._log_extra = {"conn": connection_id}
         # Text per frame such that no frame exceeds what the node itself would accept.
         self._text_budget = max(
@@ -253,23 +256,26 @@ class ConnectionDriver:
         except (ConnectionClosed, trio.Cancelled):
             raise
         except Exception as exc:
-            log.error(
-                "frame handling failed",
-                extra={**self._log_extra, "error_type": type(exc).__name__},
-            )
-            self.end_reason = "error"
-            self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
-            with contextlib.suppress(ConnectionClosed):
-                await self.ws.send_message(
-                    encode(
-                        ErrorMessage(
-                            ErrorCode.INTERNAL_ERROR.value,
-                            "the node failed to handle this frame; the connection is closed",
-                        )
+            await self._internal_error(exc)
+            return False
+
+    async def _internal_error(self, exc: Exception) -> None:
+        log.error(
+            "frame handling failed",
+            extra={**self._log_extra, "error_type": type(exc).__name__},
+        )
+        self.end_reason = "error"
+        self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send_message(
+                encode(
+                    ErrorMessage(
+                        ErrorCode.INTERNAL_ERROR.value,
+                        "the node failed to handle this frame; the connection is closed",
                     )
                 )
-            await self._close(CLOSE_INTERNAL_ERROR, "internal error")
-            return False
+            )
+        await self._close(CLOSE_INTERNAL_ERROR, "internal error")
 
     async def _handle_frame(self, frame: str | bytes) -> bool:
         state = self.state
@@ -287,21 +293,61 @@ class ConnectionDriver:
             return await self._execute(state.reject(exc, request_id_of(frame)))
         kind = type(message).__name__
         metrics.messages[kind] += 1
-        if isinstance(message, EncryptedSessionInit | SessionInit):
-            started = time.perf_counter()
-            actions = state.receive(message)
-            mode = "encrypted" if isinstance(message, EncryptedSessionInit) else "plaintext"
-            for action in actions:
-                if isinstance(action, Send):
-                    if isinstance(action.message, SessionInitAck):
-                        metrics.inits_accepted[mode] += 1
-                        if mode == "encrypted":
-                            metrics.init_latency.observe(time.perf_counter() - started)
-                    elif isinstance(action.message, ErrorMessage):
-                        metrics.inits_refused[action.message.code] += 1
-        else:
-            actions = state.receive(message)
+        started = time.perf_counter()
+        actions = state.receive(message)
+        self._count_init(message, actions, started)
         return await self._execute(actions)
+
+    def _count_init(self, message: InboundMessage, actions: list[Action], started: float) -> None:
+        """Init metrics: accepted (with latency) or refused by code; nothing while held."""
+        if not isinstance(message, EncryptedSessionInit | SessionInit):
+            return
+        metrics = self.ctx.metrics
+        mode = "encrypted" if isinstance(message, EncryptedSessionInit) else "plaintext"
+        for action in actions:
+            if isinstance(action, Send):
+                if isinstance(action.message, SessionInitAck):
+                    metrics.inits_accepted[mode] += 1
+                    if mode == "encrypted":
+                        metrics.init_latency.observe(time.perf_counter() - started)
+                elif isinstance(action.message, ErrorMessage):
+                    metrics.inits_refused[action.message.code] += 1
+
+    async def _release_held(self) -> None:
+        """Handle, in order, the frames that waited for the request that just ended.
+
+        Each may start the next request (whose own end releases what is still held);
+        frames that arrive meanwhile queue behind them in the protocol state.
+        """
+        try:
+            while not self.closing:
+                started = time.perf_counter()
+                released = self.state.release_held()
+                if released is None:
+                    return
+                message, actions = released
+                self._count_init(message, actions, started)
+                if not await self._execute(actions):
+                    return
+        except (ConnectionClosed, trio.Cancelled):
+            raise
+        except Exception as exc:
+            await self._internal_error(exc)
+
+    async def _hold_timer(self, delay_s: float) -> None:
+        """Refuse the held frames if the cancelled stream has not ended in time; then
+        follow a newer hold that began meanwhile, until nothing is held."""
+        try:
+            while True:
+                await trio.sleep(delay_s)
+                with contextlib.suppress(ConnectionClosed):
+                    await self._execute(self.state.expire_held())
+                remaining = self.state.hold_remaining()
+                if remaining is None:
+                    return
+                delay_s = remaining
+        finally:
+            self._hold_timer_running = False
 
     async def _execute(self, actions: list[Action]) -> bool:
         keep_going = True
@@ -323,6 +369,11 @@ class ConnectionDriver:
                 await self.ctx.accounting.session_started(action.session)
             elif isinstance(action, SessionEnded):
                 await self.ctx.accounting.session_ended(action.session, action.reason)
+            elif isinstance(action, HoldTimer):
+                if not self._hold_timer_running:  # one timer task per connection
+                    assert self._nursery is not None
+                    self._hold_timer_running = True
+                    self._nursery.start_soon(self._hold_timer, action.delay_s)
             elif isinstance(action, PlaintextDeprecated):
                 log.warning(
                     "plaintext mode is deprecated; this client should use encrypted sessions",
@@ -345,22 +396,26 @@ class ConnectionDriver:
         )
         emit = BackendEmit(send_channel)
         try:
-            with scope:
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(self._encrypting_sender, receive_channel, scope)
-                    try:
-                        async with send_channel:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(self._encrypting_sender, receive_channel, scope)
+                try:
+                    async with send_channel:
+                        # stream_cancel, shutdown and a vanished client cancel the
+                        # generation only. The sender finishes the frame it is writing
+                        # and what was queued before: a send cut off half-way would
+                        # leave a gap in the chunk indices (or half a frame on the wire).
+                        with scope:
                             result = await ctx.backend.generate(
                                 to_generation_request(action.request), emit
                             )
-                    except NodeError as exc:
-                        error = exc
-                    except Exception as exc:
-                        log.error(
-                            "backend failed",
-                            extra={**self._log_extra, "error_type": type(exc).__name__},
-                        )
-                        error = InferenceFailed("the inference backend failed unexpectedly")
+                except NodeError as exc:
+                    error = exc
+                except Exception as exc:
+                    log.error(
+                        "backend failed",
+                        extra={**self._log_extra, "error_type": type(exc).__name__},
+                    )
+                    error = InferenceFailed("the inference backend failed unexpectedly")
             self._request_scope = None
             active = state.active
             delivered = active.completion_tokens if active is not None else 0
@@ -407,6 +462,8 @@ class ConnectionDriver:
                 await self._send(closing[-1])
             if self.closing:
                 await self._close(CLOSE_GOING_AWAY, "server shutdown")
+            else:
+                await self._release_held()
         except ConnectionClosed:
             self.end_reason = "disconnect"
         finally:

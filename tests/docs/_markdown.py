@@ -28,6 +28,7 @@ LANGUAGES = ("sh", "python")
 DOCS = (
     "README.md",
     "docs/API.md",
+    "docs/PROTOCOL.md",
     "docs/DEPLOYMENT.md",
     "docs/ENCRYPTION_MIGRATION.md",
     "docs/ENCRYPTION_SECURITY.md",
