@@ -458,8 +458,8 @@ class ConnectionDriver:
             else:
                 if not closing or state.active is None:
                     return  # the connection was closed underneath us
-                state.release()
                 await self._send(closing[-1])
+                state.release()
             if self.closing:
                 await self._close(CLOSE_GOING_AWAY, "server shutdown")
             else:
