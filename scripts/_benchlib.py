@@ -374,6 +374,8 @@ class Stats:
         self.decode_tok_s: list[float] = []
         self.latencies_ms: list[float] = []
         self.worst_gaps_ms: list[float] = []
+        self.worst_gap_where: dict[str, int] = {}
+        self.first_frame_ms: list[float] = []
         self.text_sha256: list[str] = []
         self.request_s: list[float] = []
 
@@ -397,6 +399,8 @@ class Stats:
             "request_s": self.request_s,
             "latencies_ms": [round(x, 3) for x in self.latencies_ms] if with_latencies else [],
             "worst_gaps_ms": [round(x, 3) for x in self.worst_gaps_ms] if with_latencies else [],
+            "worst_gap_where": self.worst_gap_where,
+            "first_frame_ms": [round(x, 3) for x in self.first_frame_ms] if with_latencies else [],
             "text_sha256": self.text_sha256,
         }
 
@@ -549,22 +553,31 @@ class BenchConnection:
         finished = False
         t0 = monotonic()
         stats.t_start = min(stats.t_start, t0)
-        # The longest wait of this stream: request sent -> first frame, then between any
-        # two frames of it (chunks and the closing frames), as the user sees it.
+        # The longest wait of this stream between two of its frames (data chunks and the
+        # closing frames), from its first frame on, and which frame ended it; the wait for
+        # the first frame is reported separately (first_frame_ms).
         last_at = t0
         worst_gap = 0.0
+        worst_where = "none"
+        frames_seen = 0
         try:
             with trio.fail_after(cfg.request_timeout):
                 await ws.send_message(frame)
                 while True:
                     text = await ws.get_message()
                     now = monotonic()
-                    if now - last_at > worst_gap:
-                        worst_gap = now - last_at
+                    gap = now - last_at
                     last_at = now
                     nbytes += len(text)
                     msg = loads(text)
                     kind = msg.get("type")
+                    if not frames_seen:
+                        stats.first_frame_ms.append(gap * 1000.0)
+                    elif gap > worst_gap:
+                        worst_gap = gap
+                        data = kind in ("encrypted_chunk", "stream_chunk") and not msg.get("final")
+                        worst_where = "data chunk" if data else "closing frame"
+                    frames_seen += 1
                     if kind == "encrypted_chunk":
                         p = msg["payload"]
                         aad = fromhex(p["aadHex"])
@@ -623,6 +636,8 @@ class BenchConnection:
         stats.request_s.append(monotonic() - t0)
         if cfg.record_latency:
             stats.worst_gaps_ms.append(worst_gap * 1000.0)
+            where = stats.worst_gap_where
+            where[worst_where] = where.get(worst_where, 0) + 1
         if not finished:
             return
         text_bytes = b"".join(pieces)
