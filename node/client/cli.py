@@ -21,9 +21,11 @@ import trio
 from coincurve import PrivateKey
 
 from node.client.discovery import (
+    endpoint_protocol,
     fetch_models,
     identity_from_public_key,
     normalize_address,
+    tls_context,
     websocket_url,
 )
 from node.client.errors import ClientError, NodeErrorResponse
@@ -74,6 +76,11 @@ def add_chat_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     p.add_argument("--host-pubkey", help="the node's host public key (hex); skips discovery")
     p.add_argument(
+        "--ca-file",
+        help="PEM file of the CA certificate(s) that signed an https/wss node's certificate "
+        "(default: the system's trust store)",
+    )
+    p.add_argument(
         "--expect-host-address",
         help="refuse to talk unless the node's host key has this Ethereum address",
     )
@@ -82,6 +89,13 @@ def add_chat_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="use the deprecated unencrypted mode (the node sees nothing less, and "
         "neither does anyone on the path)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["auto", "v1", "v2"],
+        default="auto",
+        help="wire protocol: auto (default) uses v2 when the node offers it and falls back "
+        "to v1 with a warning; v1 or v2 pins one (v2 never falls back)",
     )
     p.add_argument(
         "--client-key-file",
@@ -169,6 +183,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--max-tokens must be at least 1")
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("the prompt is empty")
+    if args.plaintext and args.protocol == "v2":
+        raise UsageError("--protocol v2 is always encrypted; leave out --plaintext")
+    try:
+        args.ssl_context = tls_context(args.ca_file)
+    except ValueError as exc:
+        raise UsageError(f"--ca-file: {exc}") from None
 
 
 def _say(stream: TextIO, text: str) -> None:
@@ -207,6 +227,7 @@ def _transcript(session: ClientSession, prompt: str, completion: Completion) -> 
         "client_address": session.client_address,
         "host_address": session.host.address if session.host is not None else None,
         "encrypted": session.encrypted,
+        "protocol": session.protocol,
         "session_id": session.session_id,
         "job_id": session.job_id,
         "model": session.model,
@@ -235,7 +256,9 @@ async def _read_line() -> str:
 async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
     model = args.model
     if model is None:
-        models = await fetch_models(args.url, timeout_s=args.connect_timeout)
+        models = await fetch_models(
+            args.url, timeout_s=args.connect_timeout, ssl_context=args.ssl_context
+        )
         model = models[0] if models else ""
     job_id = args.job_id or _random_job_id()
     failures = 0
@@ -249,11 +272,24 @@ async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
         client_key=client_key,
         chain_id=args.chain_id,
         encrypted=not args.plaintext,
+        protocol=args.protocol,
         reinit_each_prompt=args.reinit_each_prompt,
         connect_timeout=args.connect_timeout,
         first_chunk_timeout=args.first_chunk_timeout,
         chunk_timeout=args.chunk_timeout,
+        ssl_context=args.ssl_context,
     ) as session:
+        if args.protocol == "auto" and not args.plaintext and session.protocol != "v2":
+            why = (
+                "the URL names /v1/ws"
+                if endpoint_protocol(args.url) == "v1"
+                else "the node does not offer protocol v2"
+            )
+            _say(
+                sys.stderr,
+                f"warning: {why}; using protocol v1 (no forward secrecy); --protocol v2 "
+                "refuses this\n",
+            )
         if args.prompt is not None:
             await _ask(session, args, args.prompt)
             return 0

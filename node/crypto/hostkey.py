@@ -6,7 +6,7 @@ import hmac
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from coincurve import PrivateKey, PublicKey
 
@@ -21,6 +21,9 @@ from node.crypto.curve import (
 from node.crypto.errors import HostKeyError
 from node.crypto.kdf import hkdf_sha256
 from node.crypto.secret import SecretBytes
+
+if TYPE_CHECKING:
+    from node.crypto.noise import KeyPair
 
 ENV_VAR = "HOST_PRIVATE_KEY"
 _KEY_RE = re.compile(r"0x[0-9a-fA-F]{64}")
@@ -98,6 +101,14 @@ class HostKey:
         """Raw ECDH x-coordinate with a peer's point."""
         self._key()
         return ecdh_x(self._scalar.view(), peer)
+
+    def noise_keypair(self) -> KeyPair:
+        """The host key as a Noise static key pair for protocol v2. It borrows the
+        scalar buffer: wiping the key pair leaves it alone; :meth:`wipe` zeroes it."""
+        from node.crypto.noise import KeyPair
+
+        self._key()
+        return KeyPair(self._scalar, self.public_key, owned=False)
 
     def sign_digest(self, digest: bytes) -> bytes:
         """65-byte r || s || v (v in {0,1}) over a 32-byte digest."""

@@ -20,10 +20,9 @@ from typing import NoReturn, Self
 def _memzero(buf: bytearray) -> None:
     """Overwrite ``buf`` in place with zeros (like libsodium's ``sodium_memzero``).
 
-    A same-length slice assignment copies into the existing storage (CPython never
-    reallocates a bytearray for it, even with a live memoryview), at a quarter of the
-    cost of going through ctypes; tests check that the very buffer reads back as zeros.
-    """
+    A same-length slice assignment copies into the existing allocation (CPython never
+    reallocates a bytearray whose size does not change), at a quarter of the cost of a
+    ctypes ``memset``; tests/crypto check that the very buffer ends up zero."""
     buf[:] = bytes(len(buf))
 
 

@@ -97,6 +97,7 @@ class Session:
     model_name: str | None = None
     price_per_token: int = 0
     vector_database: dict[str, Any] | None = None
+    protocol: str = "v1"  # "v2" for sessions of node.protocol.v2
 
     def wipe(self) -> None:
         if self.key is not None:

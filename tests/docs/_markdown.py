@@ -32,6 +32,7 @@ DOCS = (
     "docs/DEPLOYMENT.md",
     "docs/ENCRYPTION_MIGRATION.md",
     "docs/ENCRYPTION_SECURITY.md",
+    "docs/PROTOCOL_V2.md",
     "docs/TROUBLESHOOTING.md",
 )
 
