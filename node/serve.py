@@ -232,13 +232,6 @@ def _serve_one(config: NodeConfig, listen_socket: socket.socket | None = None) -
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if config.protocols == ("v2",) and host_key is None:
-        print(
-            "error: --protocols v2 needs HOST_PRIVATE_KEY (protocol v2 authenticates the node "
-            "by its host key; run `llm-node keygen`)",
-            file=sys.stderr,
-        )
-        return 2
     try:
         trio.run(run_node, config, host_key, backend, listen_socket)
     except LedgerError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from eth_account import Account
@@ -132,6 +133,36 @@ def test_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_protocols_v2_needs_the_host_key(
+    workers: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    ledger = str(tmp_path / "ledger.sqlite3")
+    args = ["serve", "--backend", "echo", "--protocols", "v2", "--workers", workers]
+    assert main([*args, "--ledger", ledger]) == 2
+    assert "--protocols v2 needs HOST_PRIVATE_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["v3", "", "v1,v1", "v1;v2", "V2,x"])
+def test_serve_refuses_unknown_protocol_lists(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert main(["serve", "--backend", "echo", "--protocols", value]) == 2
+    assert "is not a list of protocols" in capsys.readouterr().err
+
+
+def test_protocol_lists_parse_in_a_fixed_order() -> None:
+    from node.cli import parse_protocols
+
+    assert parse_protocols("v2, V1") == ("v1", "v2")
+    assert parse_protocols("v2") == ("v2",)
 
 
 # ------------------------------------------------------------- serve settings

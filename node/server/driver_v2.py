@@ -26,7 +26,7 @@ from typing import Final
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from node.crypto.errors import NodeError
+from node.crypto.errors import ErrorCode, NodeError
 from node.protocol.connection import (
     CancelRequest,
     Close,
@@ -36,6 +36,7 @@ from node.protocol.connection import (
 )
 from node.protocol.errors import (
     CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
@@ -174,6 +175,24 @@ class ConnectionDriverV2(StreamingDriver):
                 handshake_deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
 
     async def _on_frame(self, frame: str | bytes) -> bool:
+        """Handle one frame; False when the connection must end. A bug in handling it
+        ends this connection only: keys wiped, close 1011, the node goes on."""
+        try:
+            return await self._handle_frame(frame)
+        except (ConnectionClosed, trio.Cancelled):
+            raise
+        except Exception as exc:
+            log.error(
+                "frame handling failed",
+                extra={**self._log_extra, "error_type": type(exc).__name__},
+            )
+            self.end_reason = "error"
+            self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
+            self._ended += self.state.close(self.end_reason)
+            await self._close(CLOSE_INTERNAL_ERROR, "internal error")
+            return False
+
+    async def _handle_frame(self, frame: str | bytes) -> bool:
         metrics = self.ctx.metrics
         if isinstance(frame, str):
             metrics.messages["v2_text"] += 1
