@@ -11,7 +11,7 @@ from typing import Any
 
 from node import __version__
 from node.client.cli import add_chat_command
-from node.config import NodeConfig
+from node.config import NodeConfig, normalize_origin
 from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import ENV_VAR, HostKey
 from node.inference.factory import parse_model_map
@@ -132,6 +132,31 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=_env("ALLOWED_CLIENTS"),
         help="comma-separated client addresses allowed to open encrypted sessions",
     )
+    p.add_argument(
+        "--allow-plaintext-with-allowlist",
+        action="store_true",
+        default=_env_flag("ALLOW_PLAINTEXT_WITH_ALLOWLIST"),
+        help="with --allowed-clients, still serve plaintext sessions (they prove no address)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        default=_env("ALLOWED_ORIGINS"),
+        help="comma-separated browser origins that may open /v1/ws (* for any); unset: "
+        "none when listening on loopback, any otherwise",
+    )
+    p.add_argument(
+        "--no-v1-challenge",
+        action="store_true",
+        default=_env_flag("NO_V1_CHALLENGE"),
+        help="turn POST /v1/auth/challenge off (403); clients must pin the host key",
+    )
+    p.add_argument(
+        "--max-session-bytes",
+        type=_positive_int,
+        default=_env("MAX_SESSION_BYTES", "67108864"),
+        help="client session data the node holds at once, all connections together; "
+        "more gets RATE_LIMITED",
+    )
     p.add_argument("--ledger", default=_env("LEDGER"), help="SQLite ledger path")
     p.add_argument("--workers", type=_positive_int, default=_env("WORKERS", "1"))
     p.add_argument(
@@ -177,6 +202,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     allowed = None
     if args.allowed_clients:
         allowed = frozenset(a.strip().lower() for a in args.allowed_clients.split(",") if a)
+    origins = None
+    if args.allowed_origins:
+        origins = frozenset(
+            normalize_origin(o) for o in args.allowed_origins.split(",") if o.strip()
+        )
     return NodeConfig(
         host=args.host,
         port=args.port,
@@ -198,6 +228,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         replay_window_s=args.replay_window,
         max_errors=args.max_errors,
         allowed_clients=allowed,
+        allow_plaintext_with_allowlist=args.allow_plaintext_with_allowlist,
+        allowed_origins=origins,
+        v1_challenge=not args.no_v1_challenge,
+        max_session_bytes=args.max_session_bytes,
         ledger_path=args.ledger,
         workers=args.workers,
         log_level=args.log_level,

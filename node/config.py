@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import attrs
 
 
@@ -27,6 +29,14 @@ class NodeConfig:
     replay_window_s: float = 900.0
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
+    # With allowed_clients set, plaintext sessions (which prove no address) are refused
+    # unless this is on.
+    allow_plaintext_with_allowlist: bool = False
+    # Browser origins that may open /v1/ws (lowercase, no trailing slash; "*" = any).
+    # None: any origin on a public address, none on a loopback one (see origin_allowed).
+    allowed_origins: frozenset[str] | None = None
+    v1_challenge: bool = True  # POST /v1/auth/challenge answers (off: 403)
+    max_session_bytes: int = 64 * 1024 * 1024  # client session data held, all connections
     shutdown_grace_s: float = 5.0
     ledger_path: str | None = None
     ledger_recover: bool = True  # workers leave recovery to the parent process
@@ -35,3 +45,18 @@ class NodeConfig:
     log_format: str = "text"
     stream_queue_size: int = 64
     coalesce: bool = True  # merge queued pieces into one frame when the client is slower
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` (a listening address) is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_origin(text: str) -> str:
+    """An origin as compared: lowercase, surrounding space and a trailing slash dropped."""
+    return text.strip().rstrip("/").lower()

@@ -48,8 +48,15 @@ def encode_hex(data: bytes | bytearray | memoryview) -> str:
 # ----------------------------------------------------------------- bounded JSON
 
 MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+# A JSON string, possibly unterminated. Once it has seen its opening quote this pattern
+# cannot fail: it ends at the closing quote or, for an unterminated string, at the end of
+# the text (a trailing lone backslash included), and its quantifiers are possessive. So a
+# substitution with it reads every character once; the old ``"(?:[^"\\]|\\.)*"`` failed
+# on each quote of ``"\\"\\"\\...`` after running to the end, and was tried again from the
+# next quote: quadratic.
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_SQUARE = str.maketrans("{}", "[]")
 
 
 def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -57,19 +64,27 @@ def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
 
     The C JSON parser recurses once per level; a 1 MiB frame of ``[`` could exhaust the C
     stack when the interpreter's recursion limit has been raised (a segfault seen here),
-    so deep input is refused before parsing. Runs at C speed: strings are cut out, runs
-    of openers are looked for, then innermost pairs are removed level by level.
+    so deep input is refused before parsing.
+
+    Linear in ``len(text)`` with a fixed bound on the work: two counts answer text with at
+    most ``limit`` brackets; otherwise strings are cut out and everything but brackets is
+    dropped (one pass each, see ``_JSON_STRING``), a run of ``limit + 1`` openers is looked
+    for (one substring search), and then innermost ``[]`` pairs are removed at most
+    ``limit`` times: each removal lowers the depth of every nest by exactly one, so a
+    balanced text of depth at most ``limit`` is empty by then. That is at most
+    ``limit + 3`` passes over the text, each at C speed.
     """
     if text.count("[") + text.count("{") <= limit:
         return False
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    run = r"[\[{]" + f"{{{limit + 1}}}"
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).translate(_SQUARE)
+    if "[" * (limit + 1) in brackets:
+        return True  # that many openers in a row is already too deep
     for _ in range(limit):
-        if re.search(run, brackets):
-            return True  # that many openers in a row is already too deep
-        shorter = brackets.replace("[]", "").replace("{}", "")
-        if shorter == brackets:
-            break
+        if not brackets:
+            return False
+        shorter = brackets.replace("[]", "")
+        if len(shorter) == len(brackets):
+            return True  # no pair left to remove: unbalanced
         brackets = shorter
     return bool(brackets)
 

@@ -11,7 +11,7 @@ import trio
 from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend, GenerationResult
-from node.protocol.connection import ProtocolConfig, Session
+from node.protocol.connection import ProtocolConfig, Session, SessionMemory
 from node.protocol.replay import ReplayCache
 from node.server.metrics import NodeMetrics
 
@@ -60,6 +60,12 @@ class NodeContext:
     shutting_down: bool = False
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
+    # Session data held by all connections together (--max-session-bytes).
+    session_memory: SessionMemory = attrs.field(
+        default=attrs.Factory(
+            lambda self: SessionMemory(self.config.max_session_bytes), takes_self=True
+        )
+    )
 
     def protocol_config(self) -> ProtocolConfig:
         c = self.config
@@ -68,6 +74,7 @@ class NodeContext:
             session_ttl_s=c.session_ttl_s,
             max_errors=c.max_errors,
             allowed_clients=c.allowed_clients,
+            allow_plaintext_with_allowlist=c.allow_plaintext_with_allowlist,
         )
 
     def live_states(self) -> list[tuple[int, int, int]]:

@@ -50,7 +50,6 @@ from node.protocol.messages import (
     StreamChunk,
     decode,
     encode,
-    request_id_of,
 )
 from node.protocol.requests import InferenceRequest
 from node.server.context import NodeContext
@@ -98,10 +97,11 @@ def split_for_frames(text: str, tokens: int, budget: int) -> list[tuple[str, int
     if len(data) <= budget:
         return [(text, tokens)]
     parts: list[tuple[str, int]] = []
-    while data:
-        head = data[:budget].decode("utf-8", "ignore")  # drops a cut character's bytes
+    start = 0  # an offset, not a shrinking copy: linear in len(text) for any budget
+    while start < len(data):
+        head = data[start : start + budget].decode("utf-8", "ignore")  # drops a cut character
         parts.append((head, 0))
-        data = data[len(head.encode("utf-8")) :]
+        start += len(head.encode("utf-8"))
     parts[0] = (parts[0][0], tokens)
     return parts
 
@@ -165,6 +165,7 @@ class ConnectionDriver:
             replay_cache=ctx.replay_cache,
             clock=ctx.clock,
             config=ctx.protocol_config(),
+            memory=ctx.session_memory,
             **extra,
         )
         self.end_reason = "disconnect"
@@ -284,7 +285,7 @@ class ConnectionDriver:
             message = decode(frame)
         except ProtocolError as exc:
             metrics.messages["invalid"] += 1
-            return await self._execute(state.reject(exc, request_id_of(frame)))
+            return await self._execute(state.reject(exc, exc.request_id))
         kind = type(message).__name__
         metrics.messages[kind] += 1
         if isinstance(message, EncryptedSessionInit | SessionInit):
