@@ -57,6 +57,8 @@ MAX_JSON_DEPTH = 64
 _JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]++")
 _SQUARE = str.maketrans("{}", "[]")
+_RUN = re.compile(r"\[++|\]++")
+_PAIR_PASSES = 8
 
 
 def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -66,27 +68,40 @@ def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
     stack when the interpreter's recursion limit has been raised (a segfault seen here),
     so deep input is refused before parsing.
 
-    Linear in ``len(text)`` with a fixed bound on the work: two counts answer text with at
-    most ``limit`` brackets; otherwise strings are cut out and everything but brackets is
-    dropped (one pass each, see ``_JSON_STRING``), a run of ``limit + 1`` openers is looked
-    for (one substring search), and then innermost ``[]`` pairs are removed at most
-    ``limit`` times: each removal lowers the depth of every nest by exactly one, so a
-    balanced text of depth at most ``limit`` is empty by then. That is at most
-    ``limit + 3`` passes over the text, each at C speed.
+    Linear in ``len(text)``, every step at C speed but the last: two counts answer text
+    with at most ``limit`` brackets. Otherwise strings are cut out and everything but
+    brackets dropped (one pass each, see ``_JSON_STRING``), leaving a bracket string B
+    whose running depth is the JSON's. Removing every adjacent ``[]`` pair from B leaves
+    the running depth at every other position as it was and lowers the maximum by
+    exactly one (each deepest point sat inside such a pair), so after at most
+    ``_PAIR_PASSES`` such passes what is left is read run by run (a run of openers or of
+    closers at a time) for its maximum, minimum and final depth. Every nest still left
+    is deeper than the passes made, so it spans more than ``2 * _PAIR_PASSES``
+    brackets: the runs read are fewer than ``len(B) / _PAIR_PASSES``.
     """
     if text.count("[") + text.count("{") <= limit:
         return False
     brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).translate(_SQUARE)
-    if "[" * (limit + 1) in brackets:
-        return True  # that many openers in a row is already too deep
-    for _ in range(limit):
-        if not brackets:
-            return False
+    removed = 0  # levels removed from every nest so far
+    while removed < min(_PAIR_PASSES, limit):
         shorter = brackets.replace("[]", "")
         if len(shorter) == len(brackets):
-            return True  # no pair left to remove: unbalanced
+            break
         brackets = shorter
-    return bool(brackets)
+        removed += 1
+    allowed = limit - removed
+    depth = 0
+    for run in _RUN.finditer(brackets):
+        start, end = run.span()
+        if brackets[start] == "[":
+            depth += end - start
+            if depth > allowed:
+                return True
+        else:
+            depth -= end - start
+            if depth < 0:
+                return True  # a closer with nothing open: unbalanced
+    return depth != 0
 
 
 def loads_bounded(text: str, **kwargs: Any) -> Any:

@@ -369,8 +369,10 @@ def _request_id(obj: Mapping[str, Any]) -> RequestId | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _invalid("id must be a string or an integer")
-    if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
-        raise _invalid(f"id is longer than {MAX_ID_LENGTH} characters")
+    if isinstance(value, str):
+        if len(value) > MAX_ID_LENGTH:
+            raise _invalid(f"id is longer than {MAX_ID_LENGTH} characters")
+        check_text(value, "id")
     if isinstance(value, int) and not -(2**63) <= value < 2**64:
         raise _invalid("id is out of range")
     return value
@@ -533,8 +535,10 @@ def _decode_prompt(obj: Mapping[str, Any]) -> PromptRequest:
         return request[name] if name in request else obj.get(name)
 
     model = pick("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("model must be a string")
+    if model is not None:
+        if not isinstance(model, str):
+            raise _invalid("model must be a string")
+        check_text(model, "model")
     stream = pick("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream must be true or false")
