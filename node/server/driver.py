@@ -234,7 +234,9 @@ class ConnectionDriver:
                 self.end_reason = "idle_timeout"
                 await self._close(CLOSE_NORMAL, "idle timeout")
                 return
-            if not await self._on_frame(frame):
+            keep_going = await self._on_frame(frame)
+            del frame  # an idle connection does not pin its last frame (up to 1 MiB)
+            if not keep_going:
                 return
             if self.state.sessions:
                 # Keys past their TTL are wiped now, not when the client next uses them.
