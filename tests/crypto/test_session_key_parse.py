@@ -112,3 +112,31 @@ def test_every_hex_digit_decodes() -> None:
         for text in (raw.hex(), raw.hex().upper(), "0X" + raw.hex()):
             key, _, _ = parse(json.dumps({"sessionKey": text}))
             assert key.equals(raw)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"sessionKey":"' + HEX + '", oops}',  # the key is found, the JSON is broken
+        '{"sessionKey":"' + HEX + '"} trailing',
+        '{"sessionKey":"' + HEX + '","session\\u004bey":"' + "11" * 32 + '"}',
+        '{"sessionKey":"' + HEX + '","x":"\\ud800' + '\\"}',
+    ],
+)
+def test_a_key_taken_from_refused_data_is_wiped(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[SecretBytes] = []
+    real = session_init._take_session_key
+
+    def recording(buf: bytearray) -> SecretBytes | None:
+        key = real(buf)
+        if key is not None:
+            taken.append(key)
+        return key
+
+    monkeypatch.setattr(session_init, "_take_session_key", recording)
+    with pytest.raises(CryptoError) as info:
+        _parse_session_json(SecretBytes(text.encode("utf-8")))
+    assert info.value.code is ErrorCode.INVALID_SESSION_DATA
+    (key,) = taken
+    assert key.wiped
+    assert key.is_all_zero()

@@ -356,3 +356,16 @@ def test_a_key_refused_by_the_memory_budget_is_wiped(opened: list[SecretBytes]) 
 def test_a_fresh_client_key_is_used_by_the_tests() -> None:
     # the helpers above must sign with different keys for "another client"
     assert PrivateKey(CLIENT.secret).public_key != OTHER_CLIENT.public_key
+
+
+@pytest.mark.parametrize("allow", [False, True])
+async def test_a_node_with_an_allow_list_serves_plaintext_only_when_told(allow: bool) -> None:
+    node = build_node(allowed_clients=ALLOW, allow_plaintext_with_allowlist=allow)
+    with trio.fail_after(GUARD_S):
+        async with memory_client(node) as client:
+            await client.send({"type": "session_init", "session_id": "5"})
+            if allow:
+                await client.expect("session_init_ack")
+            else:
+                await client.expect_error("ENCRYPTION_REQUIRED")
+            await client.init(node.host_public_key, session_id="6", client_key=CLIENT)
