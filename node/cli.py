@@ -141,8 +141,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--allowed-origins",
         default=_env("ALLOWED_ORIGINS"),
-        help="comma-separated browser origins that may open /v1/ws (* for any); unset: "
-        "none when listening on loopback, any otherwise",
+        help="comma-separated browser origins that may open /v1/ws and /v2/ws (* for any); "
+        "unset: none when listening on loopback, any otherwise",
     )
     p.add_argument(
         "--no-v1-challenge",
@@ -156,6 +156,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=_env("MAX_SESSION_BYTES", "67108864"),
         help="client session data the node holds at once, all connections together; "
         "more gets RATE_LIMITED",
+    )
+    p.add_argument(
+        "--protocols",
+        default=_env("PROTOCOLS", "v1,v2"),
+        help="WebSocket protocols to serve, comma separated: v1 (/v1/ws), v2 (/v2/ws, needs "
+        "the host key); default v1,v2",
     )
     p.add_argument("--ledger", default=_env("LEDGER"), help="SQLite ledger path")
     p.add_argument("--workers", type=_positive_int, default=_env("WORKERS", "1"))
@@ -197,6 +203,21 @@ def _port(text: str) -> int:
     return value
 
 
+KNOWN_PROTOCOLS = ("v1", "v2")
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """``v1,v2`` -> ("v1", "v2"): known names, no repeats, at least one, in that order."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in KNOWN_PROTOCOLS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"--protocols {text[:40]!r} is not a list of protocols (comma separated, each "
+            "once: v1, v2)"
+        )
+    return tuple(p for p in KNOWN_PROTOCOLS if p in names)
+
+
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     model_map = parse_model_map(args.upstream_model_map) if args.upstream_model_map else {}
     allowed = None
@@ -233,6 +254,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         v1_challenge=not args.no_v1_challenge,
         max_session_bytes=args.max_session_bytes,
         ledger_path=args.ledger,
+        protocols=parse_protocols(args.protocols),
         workers=args.workers,
         log_level=args.log_level,
         log_format=args.log_format,

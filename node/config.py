@@ -44,6 +44,7 @@ class NodeConfig:
     log_level: str = "info"
     log_format: str = "text"
     stream_queue_size: int = 64
+    protocols: tuple[str, ...] = ("v1", "v2")  # the WebSocket protocols this node serves
     coalesce: bool = True  # merge queued pieces into one frame when the client is slower
 
 

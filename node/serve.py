@@ -97,11 +97,13 @@ async def _run_node(
             host, port = listeners[0].socket.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             log.info(
-                "listening on http://%s:%d (WebSocket ws://%s:%d/v1/ws), encryption %s%s",
+                "listening on http://%s:%d (WebSocket ws://%s:%d/v1/ws), protocols %s, "
+                "encryption %s%s",
                 shown,
                 port,
                 shown,
                 port,
+                ",".join(ctx.protocols()),
                 "enabled" if host_key else "DISABLED (no HOST_PRIVATE_KEY: plaintext only)",
                 f", host public key {host_key.public_key_hex}, address {host_key.address}"
                 if host_key
@@ -205,6 +207,13 @@ def _serve_one(config: NodeConfig) -> int:
     if config.require_encryption and host_key is None:
         print(
             "error: --require-encryption needs HOST_PRIVATE_KEY (run `llm-node keygen`)",
+            file=sys.stderr,
+        )
+        return 2
+    if config.protocols == ("v2",) and host_key is None:
+        print(
+            "error: --protocols v2 needs HOST_PRIVATE_KEY (protocol v2 authenticates the node "
+            "by its host key; run `llm-node keygen`)",
             file=sys.stderr,
         )
         return 2

@@ -410,6 +410,7 @@ class BenchConnection:
         self.ws: WebSocketConnection | None = None
         self.key: bytes | None = None
         self.next_message = 0
+        self.v2: Any = None  # the ClientConnectionV2 in v2 mode
 
     async def open(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
@@ -420,10 +421,14 @@ class BenchConnection:
             nursery,
             stream,
             HOST,
-            "/v1/ws",
+            "/v2/ws" if cfg.mode == "v2" else "/v1/ws",
             message_queue_size=1,
             receive_buffer_size=CLIENT_RECEIVE_BUFFER,
+            max_message_size=1 << 20,
         )
+        if cfg.mode == "v2":
+            await self._open_v2()
+            return
         connected = json.loads(await self.ws.get_message())
         if connected.get("type") != "connected":
             raise RuntimeError(f"expected connected, got {connected.get('type')}")
@@ -464,6 +469,100 @@ class BenchConnection:
         ack = json.loads(await self.ws.get_message())
         if ack.get("type") != "session_init_ack":
             raise RuntimeError(f"init refused: {ack.get('code') or ack.get('type')}")
+
+    async def _open_v2(self) -> None:
+        """Protocol v2: Noise NK handshake, then the signed session record."""
+        from coincurve import PrivateKey
+
+        from node.protocol.v2 import ClientConnectionV2, SessionAccepted, SessionTerms
+
+        assert self.ws is not None
+        cfg = self.cfg
+        if cfg.host_pub is None:
+            raise RuntimeError("v2 mode needs --host-pub")
+        conn = ClientConnectionV2(cfg.host_pub)
+        self.v2 = conn
+        await self.ws.send_message(conn.start())
+        conn.receive(await self.ws.get_message())
+        terms = SessionTerms(
+            job_id=1, model=cfg.model or "bench", price_per_token=1, chain_id=84532
+        )
+        await self.ws.send_message(conn.session(terms, PrivateKey()))
+        (ack,) = conn.receive(await self.ws.get_message())
+        if not isinstance(ack, SessionAccepted):
+            raise RuntimeError(f"v2 session refused: {type(ack).__name__}")
+
+    async def request_v2(self, stats: Stats) -> None:
+        """One prompt over protocol v2; the same bookkeeping as :meth:`request`."""
+        from node.protocol.v2 import Chunk, End, ErrorReceived
+
+        assert self.ws is not None
+        cfg = self.cfg
+        ws = self.ws
+        conn = self.v2
+        monotonic = time.monotonic
+        fields: dict[str, Any] = {"prompt": cfg.prompt}
+        if cfg.max_tokens is not None:
+            fields["max_tokens"] = cfg.max_tokens
+        if cfg.temperature is not None:
+            fields["temperature"] = cfg.temperature
+        if cfg.model is not None:
+            fields["model"] = cfg.model
+        self.next_message += 1
+        frame = conn.request(f"{REQUEST_ID}-{self.next_message}", **fields)
+        pieces: list[bytes] = []
+        cum = chunks = nbytes = first_tokens = 0
+        t_first = t_last = 0.0
+        finished = False
+        t0 = monotonic()
+        stats.t_start = min(stats.t_start, t0)
+        try:
+            with trio.fail_after(cfg.request_timeout):
+                await ws.send_message(frame)
+                while True:
+                    data = await ws.get_message()
+                    now = monotonic()
+                    nbytes += len(data)
+                    (event,) = conn.receive(data)
+                    if isinstance(event, Chunk):
+                        tokens = event.tokens
+                        cum += tokens
+                        chunks += 1
+                        if chunks == 1:
+                            t_first = now
+                            first_tokens = tokens
+                        t_last = now
+                        pieces.append(event.text.encode())
+                        if cfg.record_latency:
+                            stats.latencies_ms.append((now - (t0 + cum * cfg.delay_s)) * 1000.0)
+                        if cfg.slow_s:
+                            await trio.sleep(cfg.slow_s)
+                    elif isinstance(event, End):
+                        finished = True
+                        if event.finish_reason not in ("stop", "length"):
+                            stats.error(f"end {event.finish_reason}")
+                        break
+                    elif isinstance(event, ErrorReceived):
+                        stats.error(event.code)
+                        break
+        except trio.TooSlowError:
+            stats.error("request timeout")
+        stats.requests += 1
+        stats.chunks += chunks
+        stats.tokens += cum
+        stats.bytes += nbytes
+        stats.t_end = max(stats.t_end, monotonic())
+        stats.request_s.append(monotonic() - t0)
+        if not finished:
+            return
+        text_bytes = b"".join(pieces)
+        if cfg.verify_echo and text_bytes != cfg.prompt.encode():
+            stats.error("echo text mismatch")
+        if chunks:
+            stats.first_token_s.append(t_first - t0)
+            if t_last > t_first:
+                stats.decode_tok_s.append((cum - first_tokens) / (t_last - t_first))
+        stats.text_sha256.append(hashlib.sha256(text_bytes).hexdigest())
 
     async def _init_plaintext(self) -> None:
         assert self.ws is not None
@@ -511,6 +610,9 @@ class BenchConnection:
         """Send one prompt and read its whole stream (bounded by ``request_timeout``)."""
         from node.crypto import aead
 
+        if self.cfg.mode == "v2":
+            await self.request_v2(stats)
+            return
         assert self.ws is not None
         cfg = self.cfg
         ws = self.ws

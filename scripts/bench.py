@@ -7,7 +7,8 @@
     .venv/bin/python scripts/bench.py --json out.json # default bench-results/bench-<time>.json
 
 B1 init CPU, B2 encrypted vs plaintext streaming, B3 node vs a bare trio-websocket server,
-B4 2,000 concurrent sessions, B5 node vs llama-cpp-python alone, B6 two workers vs one.
+B4 2,000 concurrent sessions, B5 node vs llama-cpp-python alone, B6 two workers vs one,
+B7 protocol v2 handshake CPU vs the v1 init, B8 protocol v2 vs v1 encrypted streaming.
 See docs/BENCHMARKS.md for what each figure means. The node, the clients, the bare server
 and the direct model run are separate processes on 127.0.0.1 (OS-chosen ports); all are
 killed when the script ends. The ``--role`` modes are those child processes.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import _benchlib as lib  # noqa: E402
 import trio  # noqa: E402
 
-ALL = ("B1", "B2", "B3", "B4", "B5", "B6")
+ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8")
 B5_PROMPT = (
     "Write a long, detailed story about a lighthouse keeper who finds a message in a "
     "bottle, and describe every room of the lighthouse."
@@ -440,6 +441,253 @@ class Bench:
                 ratio=init_us / floor_us,
                 goal="<= 250 us",
                 met=init_us <= 250,
+            )
+        )
+
+    # ------------------------------------------------------------------------ B7
+
+    def b7_v2_handshake(self) -> None:
+        """Server CPU to accept a v2 session vs a v1 encrypted init, alternating rounds.
+
+        v2: constructing the connection state, message 1 -> message 2 (ephemeral key,
+        two ECDH, HKDFs, AEADs) and the session record -> session_ack (decrypt, EIP-191
+        recovery); v1: init frame text -> ack text as in B1 (construction not counted,
+        so the ratio leans against v2). Client work is done between the timed calls.
+        """
+        from coincurve import PrivateKey
+
+        from node.crypto.session_init import seal_session_init
+        from node.protocol.connection import ConnectionState, SessionStarted
+        from node.protocol.connection import Send as SendV1
+        from node.protocol.messages import decode, encode
+        from node.protocol.replay import InitReplayCache
+        from node.protocol.v2 import ClientConnectionV2, ServerConnectionV2, SessionTerms
+        from node.protocol.v2 import Send as SendV2
+
+        per_round = 100 if self.quick else 400
+        rounds = 4 if self.quick else 8
+        warm = 20
+        host = self.host_key
+        perf = time.thread_time_ns
+        terms = SessionTerms(job_id=1, model="bench-model", price_per_token=1000, chain_id=84532)
+        self.say(f"B7: {rounds} alternating rounds of {per_round} v1 inits and v2 handshakes")
+        cache = InitReplayCache(
+            window_s=900, max_entries=4 * rounds * (per_round + warm), clock=time.monotonic
+        )
+
+        def v1_round(count: int) -> list[int]:
+            frames = [
+                json.dumps(
+                    {
+                        "type": "encrypted_session_init",
+                        "session_id": "1",
+                        "job_id": "1",
+                        "chain_id": 84532,
+                        "id": f"init-{i}",
+                        "payload": seal_session_init(
+                            host.public_key,
+                            PrivateKey(),
+                            os.urandom(32),
+                            job_id=1,
+                            model_name="bench-model",
+                            price_per_token=1000,
+                        ),
+                    }
+                )
+                for i in range(count)
+            ]
+            out = []
+            gc.collect()
+            for text in frames:
+                state = ConnectionState(host_key=host, replay_cache=cache, clock=time.monotonic)
+                t0 = perf()
+                actions = state.receive(decode(text))
+                sent = [encode(a.message) for a in actions if isinstance(a, SendV1)]
+                t1 = perf()
+                if len(sent) != 1 or '"session_init_ack"' not in sent[0]:
+                    raise RuntimeError("B7: a v1 init was not acknowledged")
+                out.append(t1 - t0)
+                state.close()
+            return out
+
+        def v2_round(count: int) -> tuple[list[int], list[int], list[int]]:
+            keys = [PrivateKey() for _ in range(count)]
+            total, first, second = [], [], []
+            gc.collect()
+            for key in keys:
+                client = ClientConnectionV2(host.public_key)
+                msg1 = client.start()
+                t0 = perf()
+                server = ServerConnectionV2(host_key=host, clock=time.monotonic)
+                (reply,) = server.receive(msg1)
+                t1 = perf()
+                assert isinstance(reply, SendV2)
+                client.receive(reply.frame)
+                record = client.session(terms, key)
+                t2 = perf()
+                actions = server.receive(record)
+                t3 = perf()
+                if not any(isinstance(a, SessionStarted) for a in actions):
+                    raise RuntimeError("B7: a v2 session was not accepted")
+                client.receive(next(a.frame for a in actions if isinstance(a, SendV2)))
+                total.append((t1 - t0) + (t3 - t2))
+                first.append(t1 - t0)
+                second.append(t3 - t2)
+                client.wipe()
+                server.close()
+            return total, first, second
+
+        v1_round(warm)
+        v2_round(warm)
+        v1_med: list[float] = []
+        v2_med: list[float] = []
+        parts: dict[str, list[float]] = {"message1": [], "session_record": []}
+        for r in range(rounds):
+            order = ("v1", "v2") if r % 2 == 0 else ("v2", "v1")
+            for kind in order:
+                if kind == "v1":
+                    v1_med.append(lib.median(v1_round(per_round)) / 1000)
+                else:
+                    total, first, second = v2_round(per_round)
+                    v2_med.append(lib.median(total) / 1000)
+                    parts["message1"].append(lib.median(first) / 1000)
+                    parts["session_record"].append(lib.median(second) / 1000)
+        ratios = [b / a for a, b in zip(v1_med, v2_med, strict=True)]
+        ratio = lib.median(ratios)
+        # The floors: elliptic-curve work each cannot avoid, on this machine, this run.
+        # v1: one ECDH and one signature recovery; v2: an ephemeral key, two ECDH (es,
+        # ee) and one recovery.
+        from coincurve import PublicKey
+
+        peer = PrivateKey().public_key.format()
+        digest = os.urandom(32)
+        sig = PrivateKey().sign_recoverable(digest, hasher=None)
+        scalar = PrivateKey().secret
+        floor: dict[str, list[int]] = {"ecdh": [], "keygen": [], "recover": []}
+        for _ in range(per_round):
+            t0 = perf()
+            PublicKey(peer).multiply(scalar).format()
+            t1 = perf()
+            PrivateKey().public_key.format()
+            t2 = perf()
+            PublicKey.from_signature_and_message(sig, digest, hasher=None)
+            t3 = perf()
+            floor["ecdh"].append(t1 - t0)
+            floor["keygen"].append(t2 - t1)
+            floor["recover"].append(t3 - t2)
+        f = {k: lib.median(v) / 1000 for k, v in floor.items()}
+        floor_v1 = f["ecdh"] + f["recover"]
+        floor_v2 = f["keygen"] + 2 * f["ecdh"] + f["recover"]
+        self.details["B7"] = {
+            "floor_parts_median_us": f,
+            "floor_v1_us": floor_v1,
+            "floor_v2_us": floor_v2,
+            "floor_ratio": floor_v2 / floor_v1,
+            "rounds": rounds,
+            "per_round": per_round,
+            "v1_init_median_us_per_round": v1_med,
+            "v2_handshake_median_us_per_round": v2_med,
+            "v2_parts_median_us": {k: lib.median(v) for k, v in parts.items()},
+            "ratio_per_round": ratios,
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
+        self.add(
+            Row(
+                "B7",
+                f"v2 handshake server CPU, msg1 + session record (median of {rounds} rounds "
+                f"of {per_round}; ratio spread {min(ratios):.2f}-{max(ratios):.2f})",
+                lib.median(v2_med),
+                "us",
+                baseline_label="v1 encrypted_session_init",
+                baseline=lib.median(v1_med),
+                ratio=ratio,
+                goal="<= 1.3x",
+                met=ratio <= 1.3,
+                note=f"EC floor ratio {floor_v2 / floor_v1:.2f}x",
+            )
+        )
+
+    # ------------------------------------------------------------------------ B8
+
+    async def b8_v2_streaming(self) -> None:
+        """Echo streaming over v2 vs v1 encrypted: one node, alternating rounds."""
+        q = self.quick
+        words = 2000 if q else 4000
+        conns = 2
+        per_round = 2 if q else 4
+        rounds = 4 if q else 12
+        self.say(f"B8: v2 vs v1 encrypted, {conns} connections x {per_round} x {words} words")
+        node, port = await self.start_node("b8-node")
+        opts = ["--prompt-words", str(words)]
+        modes = ("encrypted", "v2")
+        groups = {
+            mode: await self.start_clients(
+                f"b8-{mode}", port, connections=conns, mode=mode, options=opts
+            )
+            for mode in modes
+        }
+        got: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        for group in groups.values():  # warm-up
+            await group.round(1, 120)
+        for i in range(rounds):
+            order = modes if i % 2 == 0 else modes[::-1]
+            for mode in order:
+                got[mode].append(await groups[mode].round(per_round, 300, node))
+        await self.stop(*(c for g in groups.values() for c in g.children), node)
+        med = {
+            mode: {
+                "tokens_per_s": lib.median([r["tokens_per_s"] for r in rs]),
+                "chunks_per_s": lib.median([r["chunks_per_s"] for r in rs]),
+                "tokens_per_chunk": lib.median([r["tokens_per_chunk"] for r in rs]),
+                "node_cpu_us_per_token": lib.median(
+                    [r["server_cpu_s"] / r["tokens"] * 1e6 for r in rs if r["tokens"]]
+                ),
+                "errors": sum(r["errors"] for r in rs),
+                "rounds": [summary(r) for r in rs],
+            }
+            for mode, rs in got.items()
+        }
+        ratios = [
+            b["tokens_per_s"] / a["tokens_per_s"]
+            for a, b in zip(got["encrypted"], got["v2"], strict=True)
+            if a["tokens_per_s"]
+        ]
+        self.details["B8"] = {
+            "words": words,
+            "connections": conns,
+            "requests_per_round": per_round,
+            "ratio_per_round": ratios,
+            **med,
+        }
+        v2, v1 = med["v2"], med["encrypted"]
+        errors = v2["errors"] + v1["errors"]
+        ratio = paired_ratio(got["v2"], got["encrypted"], "tokens_per_s")
+        self.add(
+            Row(
+                "B8",
+                f"v2 tokens/s, echo over WebSocket (ratio spread {min(ratios):.2f}-"
+                f"{max(ratios):.2f} over {rounds} rounds)",
+                v2["tokens_per_s"],
+                "tok/s",
+                baseline_label="v1 encrypted",
+                baseline=v1["tokens_per_s"],
+                ratio=ratio,
+                goal=">= 1.0x",
+                met=ratio >= 1.0 and errors == 0,
+                note=f"{errors} errors" if errors else "",
+            )
+        )
+        self.add(
+            Row(
+                "B8",
+                "node CPU per token, v2 (ratio = capacity if the node is the bottleneck)",
+                v2["node_cpu_us_per_token"],
+                "us",
+                baseline_label="v1 encrypted",
+                baseline=v1["node_cpu_us_per_token"],
+                ratio=v1["node_cpu_us_per_token"] / v2["node_cpu_us_per_token"],
+                note="info",
             )
         )
 
@@ -991,6 +1239,7 @@ class Bench:
             "B4": self.b4_scale,
             "B5": self.b5_model,
             "B6": self.b6_workers,
+            "B8": self.b8_v2_streaming,
         }
         try:
             for name in only:
@@ -999,6 +1248,8 @@ class Bench:
                 try:
                     if name == "B1":
                         self.b1_init()
+                    elif name == "B7":
+                        self.b7_v2_handshake()
                     else:
                         await steps[name]()
                 except (
@@ -1052,7 +1303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # child-process roles (internal)
     p.add_argument("--role", choices=["main", "client", "bare", "direct", "node"], default="main")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--mode", choices=["encrypted", "plaintext"], default="encrypted")
+    p.add_argument("--mode", choices=["encrypted", "plaintext", "v2"], default="encrypted")
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--host-pub", default="")
     p.add_argument("--fixed-key", default="")

@@ -39,7 +39,7 @@ from node.crypto.session_init import (  # noqa: E402
     seal_session_init,
 )
 
-SDK_VECTORS = REPO.parent / "shared" / "vectors" / "sdk" / "session_init_dev.json"
+SDK_VECTORS = REPO / "tests" / "vectors" / "sdk" / "session_init_dev.json"
 GOALS_US = {"open_session_init": 250.0, "aead.seal 64 B": 15.0}
 
 

@@ -56,7 +56,7 @@ from node.crypto.hostkey import HostKey  # noqa: E402
 from node.crypto.session_init import seal_session_init  # noqa: E402
 from tests.security._adversarial import SHAPES  # noqa: E402
 
-VECTORS = REPO.parent / "shared" / "vectors" / "sdk" / "session_init_dev.json"
+VECTORS = REPO / "tests" / "vectors" / "sdk" / "session_init_dev.json"
 ERROR_CODES = frozenset(c.value for c in ErrorCode)
 REPLY_TYPES = frozenset(
     {

@@ -3,12 +3,17 @@
 async with open_session("http://127.0.0.1:8080", model="echo", job_id=1) as session:
     async for piece in session.stream("hello"):
         print(piece, end="")
+
+``open_session`` speaks protocol v2 when the node offers it (``protocol="auto"``), v1
+otherwise (with a logged warning); ``protocol="v1"`` or ``"v2"`` pins one. Both give the
+same ``ClientSession`` / ``ResponseStream`` / ``Completion`` interface.
 """
 
 from node.client.discovery import (
     HostIdentity,
     discover_host_key,
     fetch_models,
+    fetch_protocols,
     http_base_url,
     identity_from_public_key,
     websocket_url,
@@ -18,6 +23,7 @@ from node.client.errors import (
     ChunkOutOfOrder,
     ClientError,
     ConnectFailed,
+    DowngradeRefused,
     ForeignFrame,
     HostKeyMismatch,
     HostVerificationFailed,
@@ -48,6 +54,7 @@ __all__ = [
     "ClientSession",
     "Completion",
     "ConnectFailed",
+    "DowngradeRefused",
     "EncryptedResponseReader",
     "ForeignFrame",
     "HostIdentity",
@@ -66,6 +73,7 @@ __all__ = [
     "UnexpectedFrame",
     "discover_host_key",
     "fetch_models",
+    "fetch_protocols",
     "http_base_url",
     "identity_from_public_key",
     "open_session",

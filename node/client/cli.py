@@ -21,6 +21,7 @@ import trio
 from coincurve import PrivateKey
 
 from node.client.discovery import (
+    endpoint_protocol,
     fetch_models,
     identity_from_public_key,
     normalize_address,
@@ -82,6 +83,13 @@ def add_chat_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="use the deprecated unencrypted mode (the node sees nothing less, and "
         "neither does anyone on the path)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["auto", "v1", "v2"],
+        default="auto",
+        help="wire protocol: auto (default) uses v2 when the node offers it and falls back "
+        "to v1 with a warning; v1 or v2 pins one (v2 never falls back)",
     )
     p.add_argument(
         "--client-key-file",
@@ -169,6 +177,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--max-tokens must be at least 1")
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("the prompt is empty")
+    if args.plaintext and args.protocol == "v2":
+        raise UsageError("--protocol v2 is always encrypted; leave out --plaintext")
 
 
 def _say(stream: TextIO, text: str) -> None:
@@ -207,6 +217,7 @@ def _transcript(session: ClientSession, prompt: str, completion: Completion) -> 
         "client_address": session.client_address,
         "host_address": session.host.address if session.host is not None else None,
         "encrypted": session.encrypted,
+        "protocol": session.protocol,
         "session_id": session.session_id,
         "job_id": session.job_id,
         "model": session.model,
@@ -249,11 +260,23 @@ async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
         client_key=client_key,
         chain_id=args.chain_id,
         encrypted=not args.plaintext,
+        protocol=args.protocol,
         reinit_each_prompt=args.reinit_each_prompt,
         connect_timeout=args.connect_timeout,
         first_chunk_timeout=args.first_chunk_timeout,
         chunk_timeout=args.chunk_timeout,
     ) as session:
+        if args.protocol == "auto" and not args.plaintext and session.protocol != "v2":
+            why = (
+                "the URL names /v1/ws"
+                if endpoint_protocol(args.url) == "v1"
+                else "the node does not offer protocol v2"
+            )
+            _say(
+                sys.stderr,
+                f"warning: {why}; using protocol v1 (no forward secrecy); --protocol v2 "
+                "refuses this\n",
+            )
         if args.prompt is not None:
             await _ask(session, args, args.prompt)
             return 0

@@ -24,6 +24,7 @@ from node.crypto.errors import CryptoError
 from node.crypto.secret import constant_time_equal
 
 WS_PATH: Final = "/v1/ws"
+WS_PATHS: Final = {"v1": "/v1/ws", "v2": "/v2/ws"}
 _ADDRESS: Final = re.compile(r"0x[0-9a-fA-F]{40}")
 DEFAULT_HTTP_TIMEOUT_S: Final = 10.0
 
@@ -41,18 +42,40 @@ class HostIdentity:
         return self.public_key.hex()
 
 
-def websocket_url(url: str) -> str:
-    """``http://h:p`` -> ``ws://h:p/v1/ws`` (https -> wss); a ws/wss URL is kept as is."""
+def websocket_url(url: str, protocol: str | None = None) -> str:
+    """``http://h:p`` -> ``ws://h:p/v1/ws`` (https -> wss; ``/v2/ws`` for protocol v2).
+
+    A ws/wss URL is kept as is, except that with ``protocol`` given a path ending in
+    another protocol's endpoint is switched to this protocol's.
+    """
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
+    endpoint = WS_PATHS.get(protocol or "v1", WS_PATH)
     if scheme in ("ws", "wss"):
+        if protocol is not None:
+            path = parts.path.rstrip("/")
+            for other in WS_PATHS.values():
+                if path.endswith(other):
+                    return urlunsplit(parts._replace(path=path[: -len(other)] + endpoint))
         return urlunsplit(parts)
     if scheme not in ("http", "https"):
         raise ValueError(f"node URL must start with http://, https://, ws:// or wss://: {url!r}")
     if not parts.netloc:
         raise ValueError(f"node URL has no host: {url!r}")
     ws_scheme = "wss" if scheme == "https" else "ws"
-    return urlunsplit((ws_scheme, parts.netloc, parts.path.rstrip("/") + WS_PATH, "", ""))
+    return urlunsplit((ws_scheme, parts.netloc, parts.path.rstrip("/") + endpoint, "", ""))
+
+
+def endpoint_protocol(url: str) -> str | None:
+    """The protocol a ws/wss URL names by its path (``/v1/ws`` or ``/v2/ws``), else None."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("ws", "wss"):
+        return None
+    path = parts.path.rstrip("/")
+    for protocol, endpoint in WS_PATHS.items():
+        if path.endswith(endpoint):
+            return protocol
+    return None
 
 
 def http_base_url(url: str) -> str:
@@ -64,8 +87,10 @@ def http_base_url(url: str) -> str:
     if scheme not in ("ws", "wss"):
         raise ValueError(f"node URL must start with http://, https://, ws:// or wss://: {url!r}")
     path = parts.path.rstrip("/")
-    if path.endswith(WS_PATH):
-        path = path[: -len(WS_PATH)]
+    for endpoint in WS_PATHS.values():
+        if path.endswith(endpoint):
+            path = path[: -len(endpoint)]
+            break
     return urlunsplit(("https" if scheme == "wss" else "http", parts.netloc, path, "", ""))
 
 
@@ -207,3 +232,24 @@ async def fetch_models(
     if not isinstance(data, list):
         raise ConnectFailed("/v1/models did not answer with a model list")
     return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+async def fetch_protocols(
+    url: str,
+    *,
+    timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> tuple[str, ...]:
+    """The WebSocket protocols the node offers, from ``GET /v1/version`` (``protocols``).
+
+    A node that does not list them (older than protocol v2) speaks v1 only.
+    """
+    base = http_base_url(url)
+    async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+        info = await _request_json(client, "GET", base + "/v1/version")
+    listed = info.get("protocols") if isinstance(info, dict) else None
+    if listed is None:
+        return ("v1",)
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise ConnectFailed("/v1/version lists its protocols in an unreadable form")
+    return tuple(p for p in listed[:16] if p in WS_PATHS)

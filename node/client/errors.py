@@ -33,6 +33,13 @@ class ConnectFailed(ClientError):
     code = "CONNECT_FAILED"
 
 
+class DowngradeRefused(ConnectFailed):
+    """A session pinned to protocol v2 met a node that does not speak it (the client
+    does not fall back to v1)."""
+
+    code = "DOWNGRADE_REFUSED"
+
+
 class HostVerificationFailed(ClientError):
     """The host key from ``/v1/host-key`` could not be confirmed by the challenge."""
 
@@ -135,6 +142,7 @@ __all__ = [
     "ChunkOutOfOrder",
     "ClientError",
     "ConnectFailed",
+    "DowngradeRefused",
     "ForeignFrame",
     "HostKeyMismatch",
     "HostVerificationFailed",

@@ -21,7 +21,7 @@ No Trio here: the session drives I/O and timeouts.
 from __future__ import annotations
 
 import abc
-from typing import Final, NoReturn
+from typing import Final, NoReturn, Protocol
 
 import attrs
 
@@ -68,6 +68,14 @@ class ResponseEnd:
 
 
 ReaderEvent = TextPiece | ResponseEnd | None
+
+
+class AnswerReader(Protocol):
+    """What a response stream needs of a reader, whatever the protocol."""
+
+    done: bool
+    text_chunks: int
+    completion_tokens: int
 
 
 class ResponseReader(abc.ABC):

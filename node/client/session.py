@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,12 +35,15 @@ from node.client import frames
 from node.client.discovery import (
     HostIdentity,
     discover_host_key,
+    endpoint_protocol,
+    fetch_protocols,
     identity_from_public_key,
     websocket_url,
 )
 from node.client.errors import (
     ClientError,
     ConnectFailed,
+    DowngradeRefused,
     ForeignFrame,
     NodeErrorResponse,
     ProtocolViolation,
@@ -51,8 +55,10 @@ from node.client.errors import (
 )
 from node.client.frames import ServerFrame
 from node.client.receiver import (
+    AnswerReader,
     EncryptedResponseReader,
     PlaintextResponseReader,
+    ReaderEvent,
     ResponseEnd,
     ResponseReader,
     TextPiece,
@@ -62,6 +68,8 @@ from node.crypto.curve import SECP256K1_N, address_of
 from node.crypto.secret import SecretBytes, constant_time_equal
 from node.crypto.session_init import seal_session_init
 from node.protocol.messages import Connected, ErrorMessage, Pong, SessionInitAck, Usage
+
+log = logging.getLogger("node.client")
 
 DEFAULT_CHAIN_ID: Final = 84532
 DEFAULT_MAX_TOKENS: Final = 4000  # what the SDK sends when the caller gives nothing
@@ -147,7 +155,7 @@ class ResponseStream:
     def __init__(self, session: ClientSession, request: dict[str, Any]) -> None:
         self._session = session
         self._request = request
-        self._reader: ResponseReader | None = None
+        self._reader: AnswerReader | None = None
         self._pieces: list[str] = []
         self._reading = False
         self._frames_seen = 0
@@ -200,11 +208,10 @@ class ResponseStream:
             timeout = session.first_chunk_timeout if first else session.chunk_timeout
             what = "the first frame of the answer" if first else "the next frame of the answer"
             try:
-                frame = await session._receive(timeout, what)
-                if frame is None:
+                got, event = await session._receive_event(reader, timeout, what)
+                if not got:
                     continue  # a late frame of an earlier, failed request
                 self._frames_seen += 1
-                event = reader.feed(frame)
             except NodeErrorResponse as exc:
                 self._failed = True
                 session._request_failed(self, exc)
@@ -268,7 +275,13 @@ class ResponseStream:
 
 
 class ClientSession:
-    """One open session on one WebSocket connection. Made by :func:`open_session`."""
+    """One open session on one WebSocket connection. Made by :func:`open_session`.
+
+    ``protocol`` says which wire protocol it speaks: ``"v1"`` (this class) or ``"v2"``
+    (:class:`node.client.session_v2.ClientSessionV2`, the same interface).
+    """
+
+    protocol: str = "v1"
 
     def __init__(
         self,
@@ -520,7 +533,17 @@ class ClientSession:
             await self.cancel("client abandoned the stream")
         await stream._drain()
 
-    async def _start(self, stream: ResponseStream) -> ResponseReader:
+    async def _receive_event(
+        self, reader: AnswerReader, timeout_s: float, what: str
+    ) -> tuple[bool, ReaderEvent]:
+        """The reader's event for the next frame; (False, None) for a dropped late frame."""
+        frame = await self._receive(timeout_s, what)
+        if frame is None:
+            return False, None
+        assert isinstance(reader, ResponseReader)
+        return True, reader.feed(frame)
+
+    async def _start(self, stream: ResponseStream) -> AnswerReader:
         self._check_usable()
         if self._active is not None and self._active is not stream:
             await self._settle()
@@ -577,12 +600,12 @@ class ClientSession:
 
     # ------------------------------------------------------------ I/O
 
-    async def _send(self, text: str, *, phase: str = "request") -> None:
+    async def _send(self, text: str | bytes, *, phase: str = "request") -> None:
         try:
             await self._ws.send_message(text)
         except ConnectionClosed as exc:
             error: ClientError
-            if phase == "session init":
+            if phase in ("session init", "handshake"):
                 error = ConnectFailed(f"the node closed the connection ({_reason(exc)})")
             else:
                 error = StreamTruncated(
@@ -621,6 +644,73 @@ def _reason(exc: ConnectionClosed) -> str:
     return f"code {reason.code}" + (f": {reason.reason[:100]}" if reason.reason else "")
 
 
+PROTOCOL_CHOICES: Final = ("auto", "v1", "v2")
+
+
+async def choose_protocol(
+    url: str,
+    protocol: str,
+    *,
+    encrypted: bool,
+    websocket: WebSocketConnection | None,
+    timeout_s: float,
+) -> str:
+    """The protocol a session will speak (``auto``: v2 when the node offers it).
+
+    ``auto`` asks ``/v1/version`` which protocols the node serves; a ``ws://`` URL that
+    names an endpoint (``/v1/ws``, ``/v2/ws``) or a given ``websocket`` is taken as the
+    choice of that endpoint. A fallback to v1 is logged as a warning. ``v1`` and ``v2``
+    are pins: a session pinned to v2 never falls back.
+    """
+    if protocol not in PROTOCOL_CHOICES:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOL_CHOICES)}")
+    if protocol == "v2" and not encrypted:
+        raise ValueError("protocol v2 is always end-to-end encrypted; plaintext needs v1")
+    if protocol != "auto":
+        if websocket is None:
+            await _check_offered(url, protocol, timeout_s)
+        return protocol
+    if not encrypted:
+        return "v1"
+    named = endpoint_protocol(url)
+    if named is not None:
+        return named
+    if websocket is not None:
+        return "v1"
+    try:
+        offered = await fetch_protocols(url, timeout_s=timeout_s)
+    except ConnectFailed as exc:
+        log.warning(
+            "cannot learn the node's protocols (%s); falling back to protocol v1", exc.message
+        )
+        return "v1"
+    if "v2" in offered:
+        return "v2"
+    log.warning(
+        "the node does not offer protocol v2; falling back to protocol v1 (no forward "
+        "secrecy, no authenticated end of answer); pin protocol v2 to refuse this"
+    )
+    return "v1"
+
+
+async def _check_offered(url: str, protocol: str, timeout_s: float) -> None:
+    """A pinned protocol the node's ``/v1/version`` does not list is refused here, before
+    any WebSocket (a node that cannot be asked is tried anyway: the upgrade decides)."""
+    try:
+        offered = await fetch_protocols(url, timeout_s=timeout_s)
+    except ConnectFailed:
+        return
+    if protocol in offered:
+        return
+    served = ", ".join(offered) or "none"
+    if protocol == "v2":
+        raise DowngradeRefused(
+            f"the node does not offer protocol v2 (it serves: {served}); this session is "
+            "pinned to v2 and does not fall back to v1"
+        )
+    raise ConnectFailed(f"the node does not serve protocol {protocol} (it serves: {served})")
+
+
 @asynccontextmanager
 async def open_session(
     url: str,
@@ -640,22 +730,33 @@ async def open_session(
     chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT_S,
     rng: Callable[[int], bytes] = os.urandom,
     websocket: WebSocketConnection | None = None,
+    protocol: str = "auto",
+    padding: int = 0,
 ) -> AsyncIterator[ClientSession]:
     """Connect to a node and open one session on it.
 
-    ``url`` is the node's HTTP base (``http://h:p``; the WebSocket is ``ws://h:p/v1/ws``)
-    or a ``ws://``/``wss://`` URL. In encrypted mode (the default) the host key is
+    ``url`` is the node's HTTP base (``http://h:p``; the WebSocket is ``ws://h:p/v2/ws``
+    or ``ws://h:p/v1/ws``) or a ``ws://``/``wss://`` URL. ``protocol``: ``auto`` (the
+    default) speaks v2 when the node offers it and falls back to v1 with a warning;
+    ``v1`` or ``v2`` pins one (a session pinned to v2 never falls back; see
+    :func:`choose_protocol`). In encrypted mode (the default) the host key is
     ``host_public_key`` or, when that is None, discovered with ``/v1/host-key`` and
     confirmed with ``/v1/auth/challenge``; ``expected_host_address`` pins it.
-    ``client_key`` signs the init (a fresh random key when None). ``websocket`` is an
-    already-open connection to use instead of connecting to ``url`` (custom transports,
-    tests over memory streams); the caller stays responsible for closing it.
+    ``client_key`` signs the init (a fresh random key when None). ``padding`` (v2 only)
+    asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
+    ``websocket`` is an already-open connection to use instead of connecting to ``url``
+    (custom transports, tests over memory streams); the caller stays responsible for
+    closing it.
     """
     job_text = _decimal_text(job_id, "job_id")
     session_text = job_text if session_id is None else _decimal_text(session_id, "session_id")
     if isinstance(chain_id, bool) or not 0 < chain_id < 2**63:
         raise ValueError("chain_id must be a positive integer")
-    ws_url = websocket_url(url)
+    websocket_url(url)  # a bad URL is refused before any network traffic
+    chosen = await choose_protocol(
+        url, protocol, encrypted=encrypted, websocket=websocket, timeout_s=connect_timeout
+    )
+    ws_url = websocket_url(url, chosen)
     host: HostIdentity | None = None
     if encrypted:
         if host_public_key is None:
@@ -669,30 +770,41 @@ async def open_session(
         if websocket is not None:
             ws = websocket
         else:
-            ws = await _connect(stack, ws_url, connect_timeout)
-        session = ClientSession(
-            ws,
-            ws_url=ws_url,
-            host=host,
-            client_key=key,
-            job_id=job_text,
-            session_id=session_text,
-            chain_id=chain_id,
-            model=model,
-            price_per_token=price_per_token,
-            encrypted=encrypted,
-            reinit_each_prompt=reinit_each_prompt,
-            connect_timeout=connect_timeout,
-            first_chunk_timeout=first_chunk_timeout,
-            chunk_timeout=chunk_timeout,
-            rng=rng,
-        )
+            ws = await _connect(stack, ws_url, connect_timeout, pinned=protocol == chosen)
+        settings: dict[str, Any] = {
+            "ws_url": ws_url,
+            "host": host,
+            "client_key": key,
+            "job_id": job_text,
+            "session_id": session_text,
+            "chain_id": chain_id,
+            "model": model,
+            "price_per_token": price_per_token,
+            "encrypted": encrypted,
+            "reinit_each_prompt": reinit_each_prompt,
+            "connect_timeout": connect_timeout,
+            "first_chunk_timeout": first_chunk_timeout,
+            "chunk_timeout": chunk_timeout,
+            "rng": rng,
+        }
+        session: ClientSession
+        if chosen == "v2":
+            from node.client.session_v2 import ClientSessionV2
+
+            session = ClientSessionV2(ws, padding=padding, **settings)
+            stack.push_async_callback(session._goodbye)
+        else:
+            if padding:
+                raise ValueError("padding is a protocol v2 option")
+            session = ClientSession(ws, **settings)
         stack.callback(session._close)
         await session._open()
         yield session
 
 
-async def _connect(stack: AsyncExitStack, ws_url: str, timeout_s: float) -> WebSocketConnection:
+async def _connect(
+    stack: AsyncExitStack, ws_url: str, timeout_s: float, *, pinned: bool = False
+) -> WebSocketConnection:
     opened: list[WebSocketConnection] = []
     # Runs after the WebSocket's own exit (exit callbacks run last-in, first-out).
     stack.push_async_callback(_close_transport, opened)
@@ -706,6 +818,11 @@ async def _connect(stack: AsyncExitStack, ws_url: str, timeout_s: float) -> WebS
             )
         )
     except ConnectionRejected as exc:
+        if pinned and endpoint_protocol(ws_url) == "v2":
+            raise DowngradeRefused(
+                f"the node refused protocol v2 at {ws_url} (HTTP {exc.status_code}); this "
+                "session is pinned to v2 and does not fall back to v1"
+            ) from None
         raise ConnectFailed(
             f"the node refused the WebSocket upgrade at {ws_url} (HTTP {exc.status_code})"
         ) from None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from coincurve import PrivateKey, PublicKey
 
@@ -18,10 +19,15 @@ from node.crypto.curve import (
     sign_recoverable,
 )
 from node.crypto.errors import HostKeyError
+from node.crypto.kdf import hkdf_sha256
 from node.crypto.secret import SecretBytes
+
+if TYPE_CHECKING:
+    from node.crypto.noise import KeyPair
 
 ENV_VAR = "HOST_PRIVATE_KEY"
 _KEY_RE = re.compile(r"0x[0-9a-fA-F]{64}")
+_FINGERPRINT_INFO = b"llm-node/v1 fingerprint key"
 
 
 class HostKey:
@@ -31,7 +37,14 @@ class HostKey:
     as this object lives; :meth:`wipe` zeroes our buffer and drops that object.
     """
 
-    __slots__ = ("_private", "_scalar", "address", "public_key", "public_key_hex")
+    __slots__ = (
+        "_fingerprint_key",
+        "_private",
+        "_scalar",
+        "address",
+        "public_key",
+        "public_key_hex",
+    )
 
     def __init__(self, scalar: SecretBytes) -> None:
         value = int.from_bytes(scalar.view(), "big")
@@ -41,6 +54,8 @@ class HostKey:
                 f"{ENV_VAR} is not a valid secp256k1 private key (must be in [1, n-1])"
             )
         self._scalar = scalar
+        # Lives and dies with the host key (made here, wiped by wipe()).
+        self._fingerprint_key = SecretBytes.take(hkdf_sha256(scalar.view(), info=_FINGERPRINT_INFO))
         self._private: PrivateKey | None = PrivateKey(scalar.reveal())
         self.public_key: bytes = self._private.public_key.format(compressed=True)
         self.public_key_hex: str = self.public_key.hex()
@@ -87,6 +102,14 @@ class HostKey:
         self._key()
         return ecdh_x(self._scalar.view(), peer)
 
+    def noise_keypair(self) -> KeyPair:
+        """The host key as a Noise static key pair for protocol v2. It borrows the
+        scalar buffer: wiping the key pair leaves it alone; :meth:`wipe` zeroes it."""
+        from node.crypto.noise import KeyPair
+
+        self._key()
+        return KeyPair(self._scalar, self.public_key, owned=False)
+
     def sign_digest(self, digest: bytes) -> bytes:
         """65-byte r || s || v (v in {0,1}) over a 32-byte digest."""
         return sign_recoverable(self._key(), digest)
@@ -100,12 +123,25 @@ class HostKey:
         sig = self.sign_digest(eip191_digest(message))
         return sig[:64] + bytes((sig[64] + 27,))
 
+    def fingerprint(self, data: SecretBytes) -> bytes:
+        """A keyed hash of a secret: HMAC-SHA256 under a key derived from the host key
+        (HKDF-SHA256, info ``llm-node/v1 fingerprint key``).
+
+        Equal secrets give equal fingerprints on every process with this host key (the
+        workers of one node share it), but without the host key a fingerprint cannot be
+        checked against guessed secrets. The node keeps fingerprints of accepted session
+        keys, never the keys themselves.
+        """
+        self._key()
+        return hmac.digest(self._fingerprint_key.view(), data.view(), "sha256")
+
     def private_key_hex(self) -> str:
         """The private key as ``0x`` hex. Only ``llm-node keygen`` calls this."""
         return "0x" + self._scalar.reveal().hex()
 
     def wipe(self) -> None:
         self._scalar.wipe()
+        self._fingerprint_key.wipe()
         self._private = None
 
     @property

@@ -12,6 +12,7 @@ Every session key lives in a :class:`SecretBytes` owned here and is zeroed by
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -55,7 +56,16 @@ PLAINTEXT_ACK_TEXT: Final = (
     "Session initialized in plaintext mode (deprecated: switch to encrypted_session_init)"
 )
 MAX_EXPIRED_IDS: Final = 256
+# Replay-cache entries for session keys start with this (init entries are 57 bytes of
+# ephemeral x-coordinate, "|" and nonce, so the two kinds never meet).
+SESSION_KEY_ENTRY: Final = b"session-key|"
 FINISH_REASONS: Final = frozenset({"stop", "length", "cancelled", "error"})
+# After a stream_cancel, frames that arrive before the cancelled stream has ended wait
+# for its stream_end (clients such as the SDK send cancel, a new init and the next prompt
+# in one burst). At most this many wait; a frame beyond that gets RATE_LIMITED ...
+MAX_HELD_FRAMES: Final = 16
+# ... and they wait at most this long: then each gets REQUEST_IN_PROGRESS.
+HOLD_TIMEOUT_S: Final = 10.0
 # Errors caused by the node itself do not count against the client's error budget.
 _NODE_SIDE_CODES: Final = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR})
 
@@ -78,6 +88,8 @@ class ProtocolConfig:
     allow_plaintext_with_allowlist: bool = False
     max_sessions: int = 64  # sessions one connection may hold at once
     max_session_bytes: int = MAX_SESSION_BYTES_PER_CONNECTION  # what they may hold in all
+    max_held_frames: int = MAX_HELD_FRAMES  # frames waiting for a cancelled stream's end
+    hold_timeout_s: float = HOLD_TIMEOUT_S  # ... and how long they may wait
 
 
 class SessionMemory:
@@ -135,6 +147,8 @@ class Session:
         value: dict[str, Any] = loads_bounded(self.vector_database_json)
         return value
 
+    protocol: str = "v1"  # "v2" for sessions of node.protocol.v2
+
     def wipe(self) -> None:
         if self.key is not None:
             self.key.wipe()
@@ -188,6 +202,14 @@ class PlaintextDeprecated:
     """Emitted once per connection, the first time plaintext mode is used."""
 
 
+@attrs.frozen
+class HoldTimer:
+    """Frames are now held for a cancelled stream: call :meth:`ConnectionState.expire_held`
+    after ``delay_s`` seconds (of the clock the state was given)."""
+
+    delay_s: float
+
+
 Action = (
     Send
     | StartRequest
@@ -196,6 +218,7 @@ Action = (
     | SessionStarted
     | SessionEnded
     | PlaintextDeprecated
+    | HoldTimer
 )
 
 
@@ -206,6 +229,7 @@ class ActiveRequest:
     next_chunk: int = 0
     completion_tokens: int = 0
     cancel_requested: bool = False
+    hold_expired: bool = False  # its stream outlived the hold: later frames are refused
 
 
 class ConnectionState:
@@ -239,6 +263,8 @@ class ConnectionState:
         self._expired_ids: set[str] = set()
         self._init_allowance = float(self.config.init_burst)
         self._allowance_at = clock()
+        self._held: deque[InboundMessage] = deque()
+        self._hold_deadline: float | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -252,10 +278,30 @@ class ConnectionState:
 
     # ------------------------------------------------------------------ input
 
+    @property
+    def held_frames(self) -> int:
+        """Frames waiting for a cancelled stream to end."""
+        return len(self._held)
+
+    def _holding(self) -> bool:
+        """Whether the active request was cancelled and frames wait for its end."""
+        active = self.active
+        return active is not None and active.cancel_requested and not active.hold_expired
+
     def receive(self, message: InboundMessage) -> list[Action]:
-        """Decide what to do with one decoded inbound message."""
+        """Decide what to do with one decoded inbound message.
+
+        After a ``stream_cancel``, every frame but a ping that arrives before the cancelled
+        stream has ended is held, in order, and handled by :meth:`release_held` once the
+        stream's closing frames are out.
+        """
         if self.closed:
             return []
+        if not isinstance(message, Ping) and (self._held or self._holding()):
+            return self._hold(message)
+        return self._dispatch(message)
+
+    def _dispatch(self, message: InboundMessage) -> list[Action]:
         try:
             if isinstance(message, Ping):
                 return [Send(Pong(message.id))]
@@ -276,6 +322,70 @@ class ConnectionState:
             return self._on_prompt(message)
         except NodeError as exc:
             return self._error(exc, _id_of(message), _session_of(message))
+
+    def _hold(self, message: InboundMessage) -> list[Action]:
+        if len(self._held) >= self.config.max_held_frames:
+            return self._error(
+                ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"{len(self._held)} frames already wait for the cancelled request to "
+                    "end; send this one again after its stream_end",
+                ),
+                _id_of(message),
+                _session_of(message),
+            )
+        self._held.append(message)
+        if self._hold_deadline is not None:
+            return []
+        self._hold_deadline = self._clock() + self.config.hold_timeout_s
+        return [HoldTimer(self.config.hold_timeout_s)]
+
+    def hold_remaining(self) -> float | None:
+        """Seconds until the current hold times out; None when nothing is held."""
+        if self._hold_deadline is None:
+            return None
+        return max(0.0, self._hold_deadline - self._clock())
+
+    def release_held(self) -> tuple[InboundMessage, list[Action]] | None:
+        """Handle the oldest held frame, if the stream it waited for has ended.
+
+        Returns the frame and its actions, or None when nothing is held or frames must
+        still wait (a released ``stream_cancel`` may have cancelled the next request).
+        The driver calls this after each request's closing frames until it gets None.
+        """
+        if not self._held or self._holding() or self.closed:
+            return None
+        message = self._held.popleft()
+        if not self._held:
+            self._hold_deadline = None
+        return message, self._dispatch(message)
+
+    def expire_held(self) -> list[Action]:
+        """The hold's time is up: answer every held request with REQUEST_IN_PROGRESS.
+
+        Does nothing before the deadline, or when the stream has ended meanwhile (then
+        :meth:`release_held` handles the frames). Frames arriving later, while the same
+        stream still runs, are refused at once.
+        """
+        deadline = self._hold_deadline
+        active = self.active
+        if deadline is None or self._clock() < deadline or active is None or not self._holding():
+            return []
+        active.hold_expired = True
+        self._hold_deadline = None
+        actions: list[Action] = []
+        while self._held:
+            message = self._held.popleft()
+            if isinstance(message, StreamCancel):
+                continue  # the stream it would stop is still being cancelled
+            error = ProtocolError(
+                ErrorCode.REQUEST_IN_PROGRESS,
+                f"the cancelled request did not end within {self.config.hold_timeout_s:g} s; "
+                "send this again after its stream_end",
+            )
+            # The node was slow, not the client: no charge to the error budget.
+            actions += self._error(error, _id_of(message), _session_of(message), charge=False)
+        return actions
 
     def reject(self, error: NodeError, request_id: RequestId | None = None) -> list[Action]:
         """A frame that could not be decoded: answer with its code, count it."""
@@ -329,6 +439,20 @@ class ConnectionState:
             if not self.replay_cache.add(payload.replay_key()):
                 raise ProtocolError(
                     ErrorCode.REPLAY_DETECTED, "this session init was already used (replay)"
+                )
+            # A session key serves one init only: a second init with it would restart the
+            # message counter at 0 under the same key, so recorded messages would be
+            # accepted again. The cache keeps a keyed fingerprint, never the key.
+            fingerprint = SESSION_KEY_ENTRY + self.host_key.fingerprint(data.session_key)
+            if not self.replay_cache.has_room():
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
+                )
+            if not self.replay_cache.add(fingerprint):
+                raise ProtocolError(
+                    ErrorCode.REPLAY_DETECTED,
+                    "this session key was already used by an earlier init; take a fresh "
+                    "session key for every init",
                 )
             old = self.sessions.get(message.session_id)
             cost = session_cost(data.model_name, data.vector_database_json)
@@ -737,6 +861,8 @@ class ConnectionState:
         ended: list[SessionEnded] = []
         self.closed = True
         self.active = None
+        self._held.clear()
+        self._hold_deadline = None
         for session in self.sessions.values():
             session.wipe()
             self._release(session)

@@ -102,6 +102,13 @@ def parse_request_plaintext(text: str) -> InferenceRequest:
         return InferenceRequest(prompt=text)
     if not isinstance(obj, dict):  # pragma: no cover - a '{' start parses to a dict
         return InferenceRequest(prompt=text)
+    return request_from_object(obj)
+
+
+def request_from_object(obj: dict[str, Any]) -> InferenceRequest:
+    """The request fields of a decoded JSON object (v1's encrypted message, v2's
+    ``request`` record): ``prompt`` or ``messages``, ``model``, ``max_tokens``,
+    ``temperature``, ``stop``, ``seed``, ``stream``. Errors are ``INVALID_PAYLOAD``."""
     action = obj.get("action")
     if action is not None and not (isinstance(action, str) and action in INFERENCE_ACTIONS):
         # The value comes from decrypted text: never echo it in the (plaintext) error.

@@ -16,6 +16,7 @@ from node.crypto.encoding import decode_hex, loads_bounded
 from node.crypto.errors import InvalidHexEncoding
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
+from node.server.driver_v2 import ConnectionDriverV2
 from node.server.http import (
     HttpError,
     HttpRequest,
@@ -30,6 +31,8 @@ from node.server.http import (
 log = logging.getLogger("node.server")
 
 WS_PATH = "/v1/ws"
+WS_V2_PATH = "/v2/ws"
+WS_PATHS = {WS_PATH: "v1", WS_V2_PATH: "v2"}
 HANDSHAKE_TIMEOUT_S = 10.0
 WS_RECEIVE_BUFFER = 65536
 
@@ -111,6 +114,7 @@ def build_router(ctx: NodeContext) -> Router:
                 "name": "llm-node",
                 "version": __version__,
                 "protocol_version": PROTOCOL_VERSION,
+                "protocols": list(ctx.protocols()),
                 "features": features,
             },
         )
@@ -151,7 +155,10 @@ def build_router(ctx: NodeContext) -> Router:
             200, ctx.metrics.render().encode(), content_type="text/plain; version=0.0.4"
         )
 
-    async def ws_without_upgrade(_: HttpRequest) -> HttpResponse:
+    async def ws_without_upgrade(request: HttpRequest) -> HttpResponse:
+        refused = protocol_refused(ctx, request.path)
+        if refused is not None:
+            return refused
         return HttpResponse.error(
             426, "this path is the WebSocket endpoint", headers=[("upgrade", "websocket")]
         )
@@ -164,7 +171,22 @@ def build_router(ctx: NodeContext) -> Router:
     router.add("POST", "/v1/auth/challenge", challenge)
     router.add("GET", "/metrics", metrics)
     router.add("GET", WS_PATH, ws_without_upgrade)
+    router.add("GET", WS_V2_PATH, ws_without_upgrade)
     return router
+
+
+def protocol_refused(ctx: NodeContext, path: str) -> HttpResponse | None:
+    """An HTTP error when ``path`` is the endpoint of a protocol this node does not serve."""
+    protocol = WS_PATHS[path]
+    served = ctx.protocols()
+    if protocol in served:
+        return None
+    if protocol == "v2" and "v2" in ctx.config.protocols:
+        why = "protocol v2 needs a host key and this node has none (plaintext-only)"
+    else:
+        why = f"protocol {protocol} is disabled on this node (--protocols)"
+    alternatives = ", ".join(f"{p} at /{p}/ws" for p in served) or "none"
+    return HttpResponse.error(403, f"{why}; it serves {alternatives}")
 
 
 class NodeServer:
@@ -197,7 +219,7 @@ class NodeServer:
             if got is None:
                 return
             request, raw = got
-            if request.path == WS_PATH and request.is_websocket_upgrade():
+            if request.path in WS_PATHS and request.is_websocket_upgrade():
                 if not origin_allowed(self.ctx.config, request.headers.get("origin")):
                     self.ctx.metrics.http_requests["403"] += 1
                     log.info("WebSocket upgrade refused: origin not allowed")
@@ -205,7 +227,15 @@ class NodeServer:
                         write_response(stream, conn, HttpResponse.error(403, ORIGIN_REFUSED))
                     )
                     return
-                await self._websocket(ReplayStream(raw, stream), stream, conn)
+                refused = protocol_refused(self.ctx, request.path)
+                if refused is not None:
+                    self.ctx.metrics.protocol_refused[WS_PATHS[request.path]] += 1
+                    self.ctx.metrics.http_requests[str(refused.status)] += 1
+                    await _quiet(write_response(stream, conn, refused))
+                    return
+                await self._websocket(
+                    ReplayStream(raw, stream), stream, conn, WS_PATHS[request.path]
+                )
                 return
             try:
                 response = await self.router.dispatch(request)
@@ -217,7 +247,7 @@ class NodeServer:
             await _quiet(write_response(stream, conn, response, head=head))
 
     async def _websocket(
-        self, replay: ReplayStream, raw_stream: trio.abc.Stream, conn: Any
+        self, replay: ReplayStream, raw_stream: trio.abc.Stream, conn: Any, protocol: str
     ) -> None:
         ctx = self.ctx
         if ctx.shutting_down:
@@ -256,7 +286,10 @@ class NodeServer:
                 finally:
                     self._pending_upgrades -= 1
                 if ws is not None:
-                    await ConnectionDriver(ctx, ws, connection_id).run()
+                    if protocol == "v2":
+                        await ConnectionDriverV2(ctx, ws, connection_id).run()
+                    else:
+                        await ConnectionDriver(ctx, ws, connection_id).run()
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One connection failing must never take the node down. trio-websocket's reader
@@ -301,7 +334,7 @@ class NodeServer:
                     await ctx.all_closed.wait()
             connections.cancel_scope.cancel()
         for key_holder in list(ctx.drivers):  # pragma: no cover - defensive
-            key_holder.state.close("shutdown")
+            key_holder.wipe_keys()
 
 
 async def open_listeners(

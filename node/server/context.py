@@ -16,7 +16,7 @@ from node.protocol.replay import ReplayCache
 from node.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
-    from node.server.driver import ConnectionDriver
+    from node.server.driver import StreamingDriver
 
 
 class Accounting(Protocol):
@@ -56,7 +56,7 @@ class NodeContext:
     accounting: Accounting = attrs.field(factory=NoAccounting)
     clock: Callable[[], float] = trio.current_time
     rng: Callable[[int], bytes] | None = None
-    drivers: set[ConnectionDriver] = attrs.field(factory=set)
+    drivers: set[StreamingDriver] = attrs.field(factory=set)
     shutting_down: bool = False
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
@@ -66,6 +66,11 @@ class NodeContext:
             lambda self: SessionMemory(self.config.max_session_bytes), takes_self=True
         )
     )
+
+    def protocols(self) -> tuple[str, ...]:
+        """The WebSocket protocols served: ``--protocols``, less v2 on a node without a
+        host key (v2 authenticates the node by it)."""
+        return tuple(p for p in self.config.protocols if p != "v2" or self.host_key is not None)
 
     def protocol_config(self) -> ProtocolConfig:
         c = self.config
@@ -77,10 +82,6 @@ class NodeContext:
             allow_plaintext_with_allowlist=c.allow_plaintext_with_allowlist,
         )
 
-    def live_states(self) -> list[tuple[int, int, int]]:
-        out = []
-        for d in self.drivers:
-            s = d.state
-            enc = sum(1 for x in s.sessions.values() if x.encrypted)
-            out.append((s.keys_held, enc, len(s.sessions) - enc))
-        return out
+    def live_states(self) -> list[tuple[str, int, int, int, int]]:
+        """Per open connection: (protocol, keys, key bytes, encrypted, plaintext sessions)."""
+        return [d.live_state() for d in self.drivers]

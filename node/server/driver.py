@@ -18,6 +18,7 @@ from typing import Final
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from node.crypto import aead
 from node.crypto.errors import ErrorCode, NodeError
 from node.inference.base import ChatMessage, GenerationRequest, GenerationResult, Piece
 from node.inference.errors import InferenceFailed, TokenLimitExceeded
@@ -26,8 +27,10 @@ from node.protocol.connection import (
     CancelRequest,
     Close,
     ConnectionState,
+    HoldTimer,
     PlaintextDeprecated,
     Send,
+    Session,
     SessionEnded,
     SessionStarted,
     StartRequest,
@@ -44,7 +47,9 @@ from node.protocol.messages import (
     EncryptedChunk,
     EncryptedSessionInit,
     ErrorMessage,
+    InboundMessage,
     OutboundMessage,
+    RequestId,
     SessionInit,
     SessionInitAck,
     StreamChunk,
@@ -152,13 +157,263 @@ def _wire_error(exc: NodeError) -> NodeError:
     return exc
 
 
-class ConnectionDriver:
-    """Runs one WebSocket connection: reader loop, request task, chunk sender."""
+class StreamingDriver:
+    """What every protocol's connection driver shares.
 
-    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+    The connection scope (counting, key wiping in ``finally``), the request task (backend,
+    accounting, cancel), the coalescing chunk sender, closing and shutdown are the same for
+    every protocol; a subclass says how a piece is sealed into a frame, how an answer ends,
+    and which keys it holds (:meth:`_seal_piece`, :meth:`_end_request`, :meth:`wipe_keys`).
+    """
+
+    protocol: str = "v1"
+
+    def __init__(
+        self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int, text_budget: int
+    ) -> None:
         self.ctx = ctx
         self.ws = ws
         self.id = connection_id
+        self.end_reason = "disconnect"
+        self.closing = False
+        self.close_code: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self._request_scope: trio.CancelScope | None = None
+        self._log_extra = {"conn": connection_id, "protocol": self.protocol}
+        self._text_budget = text_budget
+
+    # -------------------------------------------------------------- hooks
+
+    @property
+    def streaming(self) -> bool:
+        raise NotImplementedError
+
+    def live_state(self) -> tuple[str, int, int, int, int]:
+        """(protocol, keys held, key bytes held, encrypted sessions, plaintext sessions)."""
+        raise NotImplementedError
+
+    def wipe_keys(self) -> None:
+        raise NotImplementedError
+
+    def _request_open(self) -> bool:
+        """Whether the request's connection state still exists (not closed underneath)."""
+        raise NotImplementedError
+
+    def _delivered(self) -> int:
+        """Completion tokens sent so far for the active request."""
+        raise NotImplementedError
+
+    def _seal_piece(self, text: str, tokens: int) -> str | bytes | None:
+        """One frame for one piece of the active request; None when the connection's
+        state was closed underneath the sender (then nothing more is sent)."""
+        raise NotImplementedError
+
+    async def _end_request(
+        self, finish: str, prompt_tokens: int, delivered: int, error: NodeError | None
+    ) -> None:
+        """Send the closing frames of the active request."""
+        raise NotImplementedError
+
+    async def _after_request(self) -> None:
+        """After an answer ended (and the node is not shutting down)."""
+        await trio.lowlevel.checkpoint()
+
+    # ------------------------------------------------------------ lifetime
+
+    def _opened(self) -> None:
+        ctx = self.ctx
+        ctx.drivers.add(self)
+        ctx.metrics.connections_total += 1
+        ctx.metrics.connections_open += 1
+        ctx.metrics.protocol_connections[self.protocol] += 1
+        log.debug("connection opened", extra=self._log_extra)
+
+    async def _closed(self, ended: list[SessionEnded]) -> None:
+        """After the keys are wiped: settle the sessions, close the socket, report."""
+        ctx = self.ctx
+        ctx.drivers.discard(self)
+        ctx.metrics.connections_open -= 1
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SETTLE_TIMEOUT_S):
+                for event in ended:
+                    await ctx.accounting.session_ended(event.session, event.reason)
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await self.ws.aclose(self.close_code or CLOSE_NORMAL)
+        if ctx.shutting_down and not ctx.drivers:
+            ctx.all_closed.set()
+        log.debug(
+            "connection closed",
+            extra={**self._log_extra, "reason": self.end_reason, "code": self.close_code},
+        )
+
+    # ------------------------------------------------------------ requests
+
+    def _start_request(
+        self, request: InferenceRequest, session: Session, request_id: RequestId | None
+    ) -> None:
+        assert self._nursery is not None
+        self._request_scope = scope = trio.CancelScope()
+        self._nursery.start_soon(self._run_request, request, session, request_id, scope)
+
+    def _cancel_request(self) -> None:
+        if self._request_scope is not None:
+            self._request_scope.cancel()
+
+    async def _run_request(
+        self,
+        request: InferenceRequest,
+        session: Session,
+        request_id: RequestId | None,
+        scope: trio.CancelScope,
+    ) -> None:
+        ctx = self.ctx
+        result: GenerationResult | None = None
+        error: NodeError | None = None
+        accounted = False
+        send_channel, receive_channel = trio.open_memory_channel[Piece](
+            ctx.config.stream_queue_size
+        )
+        emit = BackendEmit(send_channel)
+        try:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(self._encrypting_sender, receive_channel, scope)
+                try:
+                    async with send_channel:
+                        # stream_cancel, shutdown and a vanished client cancel the
+                        # generation only. The sender finishes the frame it is writing
+                        # and what was queued before: a send cut off half-way would
+                        # leave a gap in the chunk indices (or half a frame on the wire).
+                        with scope:
+                            result = await ctx.backend.generate(
+                                to_generation_request(request), emit
+                            )
+                except NodeError as exc:
+                    error = exc
+                except Exception as exc:
+                    log.error(
+                        "backend failed",
+                        extra={**self._log_extra, "error_type": type(exc).__name__},
+                    )
+                    error = InferenceFailed("the inference backend failed unexpectedly")
+            self._request_scope = None
+            delivered = self._delivered()
+            if result is not None and error is None:
+                finish = result.finish_reason
+                prompt_tokens = result.prompt_tokens
+                estimated = result.usage_estimated
+            else:  # failed, or cancelled by stream_cancel or shutdown: what the backend
+                # reported of the prompt before it stopped (0 if it never got that far)
+                finish = "error" if error is not None else "cancelled"
+                prompt_tokens = emit.prompt_tokens
+                estimated = emit.prompt_estimated
+            usage = GenerationResult(finish, prompt_tokens, delivered, estimated)
+            accounted = True
+            await ctx.accounting.request_finished(session, request_id, usage)
+            ctx.metrics.requests[finish] += 1
+            if not self._request_open():
+                return  # the connection was closed underneath us
+            await self._end_request(finish, prompt_tokens, delivered, error)
+            if self.closing:
+                await self._close(CLOSE_GOING_AWAY, "server shutdown")
+            else:
+                await self._after_request()
+        except ConnectionClosed:
+            self.end_reason = "disconnect"
+        finally:
+            if not accounted:
+                # Cancelled by the connection ending: record what was delivered.
+                delivered = self._delivered()
+                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
+                    await ctx.accounting.request_finished(
+                        session,
+                        request_id,
+                        GenerationResult(
+                            "cancelled", emit.prompt_tokens, delivered, emit.prompt_estimated
+                        ),
+                    )
+                ctx.metrics.requests["cancelled"] += 1
+
+    async def _encrypting_sender(
+        self, receive_channel: trio.MemoryReceiveChannel[Piece], scope: trio.CancelScope
+    ) -> None:
+        """Seal and send pieces; whatever queued up while we were sending goes as one.
+
+        With ``config.coalesce`` off every piece is its own frame (benchmarks use this).
+        """
+        metrics = self.ctx.metrics
+        seal = self._seal_piece
+        coalesce = self.ctx.config.coalesce
+        async with receive_channel:
+            while True:
+                # Take what is queued without yielding; wait only when nothing is.
+                try:
+                    piece = receive_channel.receive_nowait()
+                except trio.WouldBlock:
+                    try:
+                        piece = await receive_channel.receive()
+                    except trio.EndOfChannel:
+                        return
+                except trio.EndOfChannel:
+                    return
+                # Everything queued now leaves the channel at once, so a producer blocked
+                # on a full channel wakes once per batch rather than once per frame.
+                batch = [piece]
+                while True:
+                    try:
+                        batch.append(receive_channel.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                if coalesce:
+                    text = "".join(p.text for p in batch)
+                    batch = [Piece(text, sum(p.tokens for p in batch))]
+                for queued in batch:
+                    for part, part_tokens in split_for_frames(
+                        queued.text, queued.tokens, self._text_budget
+                    ):
+                        frame = seal(part, part_tokens)
+                        if frame is None:
+                            scope.cancel()
+                            return
+                        try:
+                            await self.ws.send_message(frame)
+                        except ConnectionClosed:
+                            scope.cancel()  # nobody is listening: stop the model
+                            return
+                        metrics.chunks += 1
+                        metrics.tokens += part_tokens
+
+    # ------------------------------------------------------------- closing
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            await self.ws.aclose(code, reason)
+
+    def shutdown(self) -> None:
+        """Server shutdown: end a streaming request as cancelled, then close with 1001."""
+        self.closing = True
+        self.end_reason = "shutdown"
+        if self.streaming:
+            if self._request_scope is not None:
+                self._request_scope.cancel()
+        elif self._nursery is not None:
+            self._nursery.start_soon(self._close, CLOSE_GOING_AWAY, "server shutdown")
+
+
+class ConnectionDriver(StreamingDriver):
+    """Runs one v1 WebSocket connection: reader loop, request task, chunk sender."""
+
+    protocol = "v1"
+
+    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+        # Text per frame such that no frame exceeds what the node itself would accept.
+        super().__init__(
+            ctx,
+            ws,
+            connection_id,
+            max(MIN_TEXT_BUDGET, (ctx.config.max_frame_bytes - FRAME_OVERHEAD) // MAX_EXPANSION),
+        )
         extra = {} if ctx.rng is None else {"rng": ctx.rng}
         self.state = ConnectionState(
             host_key=ctx.host_key,
@@ -168,25 +423,55 @@ class ConnectionDriver:
             memory=ctx.session_memory,
             **extra,
         )
-        self.end_reason = "disconnect"
-        self.closing = False
-        self.close_code: int | None = None
-        self._nursery: trio.Nursery | None = None
-        self._request_scope: trio.CancelScope | None = None
-        self._log_extra = {"conn": connection_id}
-        # Text per frame such that no frame exceeds what the node itself would accept.
-        self._text_budget = max(
-            MIN_TEXT_BUDGET, (ctx.config.max_frame_bytes - FRAME_OVERHEAD) // MAX_EXPANSION
-        )
+        self._hold_timer_running = False
+
+    # -------------------------------------------------------------- hooks
+
+    @property
+    def streaming(self) -> bool:
+        return self.state.streaming
+
+    def live_state(self) -> tuple[str, int, int, int, int]:
+        s = self.state
+        enc = sum(1 for x in s.sessions.values() if x.encrypted)
+        keys = s.keys_held
+        return ("v1", keys, keys * aead.KEY_SIZE, enc, len(s.sessions) - enc)
+
+    def wipe_keys(self) -> None:
+        self.state.close("shutdown")
+
+    def _request_open(self) -> bool:
+        return self.state.active is not None
+
+    def _delivered(self) -> int:
+        active = self.state.active
+        return active.completion_tokens if active is not None else 0
+
+    def _seal_piece(self, text: str, tokens: int) -> str:
+        return self.state.piece_text(text, tokens)
+
+    async def _after_request(self) -> None:
+        await self._release_held()
+
+    async def _end_request(
+        self, finish: str, prompt_tokens: int, delivered: int, error: NodeError | None
+    ) -> None:
+        state = self.state
+        if error is not None:
+            actions = state.fail(
+                _wire_error(error), prompt_tokens=prompt_tokens, completion_tokens=delivered
+            )
+            await self._execute(actions)
+        else:
+            for frame in state.finish(
+                finish, prompt_tokens=prompt_tokens, completion_tokens=delivered
+            ):
+                await self._send(frame)
 
     # ------------------------------------------------------------------ main
 
     async def run(self) -> None:
-        ctx = self.ctx
-        ctx.drivers.add(self)
-        ctx.metrics.connections_total += 1
-        ctx.metrics.connections_open += 1
-        log.debug("connection opened", extra=self._log_extra)
+        self._opened()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -199,20 +484,7 @@ class ConnectionDriver:
         finally:
             # Keys die with this scope, whatever ended it.
             ended = self.state.close(self.end_reason)
-            ctx.drivers.discard(self)
-            ctx.metrics.connections_open -= 1
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(SETTLE_TIMEOUT_S):
-                    for event in ended:
-                        await ctx.accounting.session_ended(event.session, event.reason)
-                with trio.move_on_after(CLOSE_TIMEOUT_S):
-                    await self.ws.aclose(self.close_code or CLOSE_NORMAL)
-            if ctx.shutting_down and not ctx.drivers:
-                ctx.all_closed.set()
-            log.debug(
-                "connection closed",
-                extra={**self._log_extra, "reason": self.end_reason, "code": self.close_code},
-            )
+            await self._closed(ended)
 
     async def _read_loop(self) -> None:
         idle = self.ctx.config.idle_timeout_s
@@ -256,23 +528,26 @@ class ConnectionDriver:
         except (ConnectionClosed, trio.Cancelled):
             raise
         except Exception as exc:
-            log.error(
-                "frame handling failed",
-                extra={**self._log_extra, "error_type": type(exc).__name__},
-            )
-            self.end_reason = "error"
-            self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
-            with contextlib.suppress(ConnectionClosed):
-                await self.ws.send_message(
-                    encode(
-                        ErrorMessage(
-                            ErrorCode.INTERNAL_ERROR.value,
-                            "the node failed to handle this frame; the connection is closed",
-                        )
+            await self._internal_error(exc)
+            return False
+
+    async def _internal_error(self, exc: Exception) -> None:
+        log.error(
+            "frame handling failed",
+            extra={**self._log_extra, "error_type": type(exc).__name__},
+        )
+        self.end_reason = "error"
+        self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send_message(
+                encode(
+                    ErrorMessage(
+                        ErrorCode.INTERNAL_ERROR.value,
+                        "the node failed to handle this frame; the connection is closed",
                     )
                 )
-            await self._close(CLOSE_INTERNAL_ERROR, "internal error")
-            return False
+            )
+        await self._close(CLOSE_INTERNAL_ERROR, "internal error")
 
     async def _handle_frame(self, frame: str | bytes) -> bool:
         state = self.state
@@ -290,21 +565,61 @@ class ConnectionDriver:
             return await self._execute(state.reject(exc, exc.request_id))
         kind = type(message).__name__
         metrics.messages[kind] += 1
-        if isinstance(message, EncryptedSessionInit | SessionInit):
-            started = time.perf_counter()
-            actions = state.receive(message)
-            mode = "encrypted" if isinstance(message, EncryptedSessionInit) else "plaintext"
-            for action in actions:
-                if isinstance(action, Send):
-                    if isinstance(action.message, SessionInitAck):
-                        metrics.inits_accepted[mode] += 1
-                        if mode == "encrypted":
-                            metrics.init_latency.observe(time.perf_counter() - started)
-                    elif isinstance(action.message, ErrorMessage):
-                        metrics.inits_refused[action.message.code] += 1
-        else:
-            actions = state.receive(message)
+        started = time.perf_counter()
+        actions = state.receive(message)
+        self._count_init(message, actions, started)
         return await self._execute(actions)
+
+    def _count_init(self, message: InboundMessage, actions: list[Action], started: float) -> None:
+        """Init metrics: accepted (with latency) or refused by code; nothing while held."""
+        if not isinstance(message, EncryptedSessionInit | SessionInit):
+            return
+        metrics = self.ctx.metrics
+        mode = "encrypted" if isinstance(message, EncryptedSessionInit) else "plaintext"
+        for action in actions:
+            if isinstance(action, Send):
+                if isinstance(action.message, SessionInitAck):
+                    metrics.inits_accepted[mode] += 1
+                    if mode == "encrypted":
+                        metrics.init_latency.observe(time.perf_counter() - started)
+                elif isinstance(action.message, ErrorMessage):
+                    metrics.inits_refused[action.message.code] += 1
+
+    async def _release_held(self) -> None:
+        """Handle, in order, the frames that waited for the request that just ended.
+
+        Each may start the next request (whose own end releases what is still held);
+        frames that arrive meanwhile queue behind them in the protocol state.
+        """
+        try:
+            while not self.closing:
+                started = time.perf_counter()
+                released = self.state.release_held()
+                if released is None:
+                    return
+                message, actions = released
+                self._count_init(message, actions, started)
+                if not await self._execute(actions):
+                    return
+        except (ConnectionClosed, trio.Cancelled):
+            raise
+        except Exception as exc:
+            await self._internal_error(exc)
+
+    async def _hold_timer(self, delay_s: float) -> None:
+        """Refuse the held frames if the cancelled stream has not ended in time; then
+        follow a newer hold that began meanwhile, until nothing is held."""
+        try:
+            while True:
+                await trio.sleep(delay_s)
+                with contextlib.suppress(ConnectionClosed):
+                    await self._execute(self.state.expire_held())
+                remaining = self.state.hold_remaining()
+                if remaining is None:
+                    return
+                delay_s = remaining
+        finally:
+            self._hold_timer_running = False
 
     async def _execute(self, actions: list[Action]) -> bool:
         keep_going = True
@@ -312,12 +627,9 @@ class ConnectionDriver:
             if isinstance(action, Send):
                 await self._send(action.message)
             elif isinstance(action, StartRequest):
-                assert self._nursery is not None
-                self._request_scope = trio.CancelScope()
-                self._nursery.start_soon(self._run_request, action, self._request_scope)
+                self._start_request(action.request, action.session, action.request_id)
             elif isinstance(action, CancelRequest):
-                if self._request_scope is not None:
-                    self._request_scope.cancel()
+                self._cancel_request()
             elif isinstance(action, Close):
                 self.end_reason = "error"
                 await self._close(action.code, action.reason)
@@ -326,135 +638,17 @@ class ConnectionDriver:
                 await self.ctx.accounting.session_started(action.session)
             elif isinstance(action, SessionEnded):
                 await self.ctx.accounting.session_ended(action.session, action.reason)
+            elif isinstance(action, HoldTimer):
+                if not self._hold_timer_running:  # one timer task per connection
+                    assert self._nursery is not None
+                    self._hold_timer_running = True
+                    self._nursery.start_soon(self._hold_timer, action.delay_s)
             elif isinstance(action, PlaintextDeprecated):
                 log.warning(
                     "plaintext mode is deprecated; this client should use encrypted sessions",
                     extra=self._log_extra,
                 )
         return keep_going
-
-    # ------------------------------------------------------------ requests
-
-    async def _run_request(self, action: StartRequest, scope: trio.CancelScope) -> None:
-        ctx = self.ctx
-        state = self.state
-        session = action.session
-        result: GenerationResult | None = None
-        error: NodeError | None = None
-        accounted = False
-        send_channel, receive_channel = trio.open_memory_channel[Piece](
-            ctx.config.stream_queue_size
-        )
-        emit = BackendEmit(send_channel)
-        try:
-            with scope:
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(self._encrypting_sender, receive_channel, scope)
-                    try:
-                        async with send_channel:
-                            result = await ctx.backend.generate(
-                                to_generation_request(action.request), emit
-                            )
-                    except NodeError as exc:
-                        error = exc
-                    except Exception as exc:
-                        log.error(
-                            "backend failed",
-                            extra={**self._log_extra, "error_type": type(exc).__name__},
-                        )
-                        error = InferenceFailed("the inference backend failed unexpectedly")
-            self._request_scope = None
-            active = state.active
-            delivered = active.completion_tokens if active is not None else 0
-            if result is not None and error is None:
-                finish = result.finish_reason
-                prompt_tokens = result.prompt_tokens
-                estimated = result.usage_estimated
-            else:  # failed, or cancelled by stream_cancel or shutdown: what the backend
-                # reported of the prompt before it stopped (0 if it never got that far)
-                finish = "error" if error is not None else "cancelled"
-                prompt_tokens = emit.prompt_tokens
-                estimated = emit.prompt_estimated
-            usage = GenerationResult(finish, prompt_tokens, delivered, estimated)
-            accounted = True
-            await ctx.accounting.request_finished(session, action.request_id, usage)
-            ctx.metrics.requests[finish] += 1
-            if state.active is None:
-                return  # the connection was closed underneath us
-            if error is not None:
-                actions = state.fail(
-                    _wire_error(error), prompt_tokens=prompt_tokens, completion_tokens=delivered
-                )
-                await self._execute(actions)
-            else:
-                for frame in state.finish(
-                    finish, prompt_tokens=prompt_tokens, completion_tokens=delivered
-                ):
-                    await self._send(frame)
-            if self.closing:
-                await self._close(CLOSE_GOING_AWAY, "server shutdown")
-        except ConnectionClosed:
-            self.end_reason = "disconnect"
-        finally:
-            if not accounted:
-                # Cancelled by the connection ending: record what was delivered.
-                active = state.active
-                delivered = active.completion_tokens if active is not None else 0
-                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
-                    await ctx.accounting.request_finished(
-                        session,
-                        action.request_id,
-                        GenerationResult(
-                            "cancelled", emit.prompt_tokens, delivered, emit.prompt_estimated
-                        ),
-                    )
-                ctx.metrics.requests["cancelled"] += 1
-
-    async def _encrypting_sender(
-        self, receive_channel: trio.MemoryReceiveChannel[Piece], scope: trio.CancelScope
-    ) -> None:
-        """Seal and send pieces; whatever queued up while we were sending goes as one.
-
-        With ``config.coalesce`` off every piece is its own frame (benchmarks use this).
-        """
-        metrics = self.ctx.metrics
-        state = self.state
-        coalesce = self.ctx.config.coalesce
-        async with receive_channel:
-            while True:
-                # Take what is queued without yielding; wait only when nothing is.
-                try:
-                    piece = receive_channel.receive_nowait()
-                except trio.WouldBlock:
-                    try:
-                        piece = await receive_channel.receive()
-                    except trio.EndOfChannel:
-                        return
-                except trio.EndOfChannel:
-                    return
-                # Everything queued now leaves the channel at once, so a producer blocked
-                # on a full channel wakes once per batch rather than once per frame.
-                batch = [piece]
-                while True:
-                    try:
-                        batch.append(receive_channel.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                if coalesce:
-                    text = "".join(p.text for p in batch)
-                    batch = [Piece(text, sum(p.tokens for p in batch))]
-                for queued in batch:
-                    for part, part_tokens in split_for_frames(
-                        queued.text, queued.tokens, self._text_budget
-                    ):
-                        frame = state.piece_text(part, part_tokens)
-                        try:
-                            await self.ws.send_message(frame)
-                        except ConnectionClosed:
-                            scope.cancel()  # nobody is listening: stop the model
-                            return
-                        metrics.chunks += 1
-                        metrics.tokens += part_tokens
 
     # ------------------------------------------------------------- output
 
@@ -468,19 +662,3 @@ class ConnectionDriver:
         elif isinstance(message, EncryptedChunk | StreamChunk):
             self.ctx.metrics.chunks += 1
         await self.ws.send_message(encode(message))
-
-    async def _close(self, code: int, reason: str) -> None:
-        if self.close_code is None:
-            self.close_code = code
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
-            await self.ws.aclose(code, reason)
-
-    def shutdown(self) -> None:
-        """Server shutdown: end a streaming request as cancelled, then close with 1001."""
-        self.closing = True
-        self.end_reason = "shutdown"
-        if self.state.streaming:
-            if self._request_scope is not None:
-                self._request_scope.cancel()
-        elif self._nursery is not None:
-            self._nursery.start_soon(self._close, CLOSE_GOING_AWAY, "server shutdown")

@@ -6,6 +6,7 @@ import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+PROTOCOLS = ("v1", "v2")
 INIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -46,14 +47,25 @@ class NodeMetrics:
         self.errors: Counter[str] = Counter()  # by code
         self.http_requests: Counter[str] = Counter()  # by status
         self.init_latency = Histogram(INIT_BUCKETS_S)
-        self.live_states: Callable[[], Iterable[tuple[int, int, int]]] = lambda: ()
+        self.protocol_connections: Counter[str] = Counter()  # accepted, by protocol
+        self.protocol_refused: Counter[str] = Counter()  # upgrades refused by --protocols
+        self.v2_handshakes: Counter[str] = Counter()  # by result
+        self.v2_auth_failures = 0
+        self.v2_handshake_latency = Histogram(INIT_BUCKETS_S)
+        # Per open connection: (protocol, keys, key bytes, encrypted, plaintext sessions).
+        self.live_states: Callable[[], Iterable[tuple[str, int, int, int, int]]] = lambda: ()
 
     def render(self) -> str:
-        keys = sessions_enc = sessions_plain = 0
-        for k, enc, plain in self.live_states():
+        keys = key_bytes = sessions_enc = sessions_plain = 0
+        open_by: Counter[str] = Counter({p: 0 for p in PROTOCOLS})
+        keys_by: Counter[str] = Counter({p: 0 for p in PROTOCOLS})
+        for protocol, k, nbytes, enc, plain in self.live_states():
             keys += k
+            key_bytes += nbytes
             sessions_enc += enc
             sessions_plain += plain
+            open_by[protocol] += 1
+            keys_by[protocol] += k
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -98,7 +110,7 @@ class NodeMetrics:
             "llm_node_session_key_bytes",
             "gauge",
             "Bytes of session key material held.",
-            [("", keys * 32)],
+            [("", key_bytes)],
         )
         metric(
             "llm_node_inits_accepted_total",
@@ -140,14 +152,64 @@ class NodeMetrics:
             "HTTP requests, by status.",
             by("status", self.http_requests),
         )
-        h = self.init_latency
-        lines.append("# HELP llm_node_init_seconds Time to handle an encrypted_session_init.")
-        lines.append("# TYPE llm_node_init_seconds histogram")
-        cumulative = 0
-        for bound, count in zip(h.buckets, h.counts, strict=False):
-            cumulative += count
-            lines.append(f'llm_node_init_seconds_bucket{{le="{bound:g}"}} {cumulative}')
-        lines.append(f'llm_node_init_seconds_bucket{{le="+Inf"}} {h.count}')
-        lines.append(f"llm_node_init_seconds_sum {h.sum:.6f}")
-        lines.append(f"llm_node_init_seconds_count {h.count}")
+        histogram(
+            lines,
+            "llm_node_init_seconds",
+            "Time to handle an encrypted_session_init.",
+            self.init_latency,
+        )
+        metric(
+            "llm_node_protocol_connections_open",
+            "gauge",
+            "Open WebSocket connections, by protocol.",
+            by("protocol", open_by),
+        )
+        metric(
+            "llm_node_protocol_connections_total",
+            "counter",
+            "WebSocket connections accepted, by protocol.",
+            by("protocol", self.protocol_connections),
+        )
+        metric(
+            "llm_node_protocol_session_keys",
+            "gauge",
+            "Connections' secret keys held in memory, by protocol.",
+            by("protocol", keys_by),
+        )
+        metric(
+            "llm_node_protocol_refused_total",
+            "counter",
+            "WebSocket upgrades refused because --protocols disables the protocol.",
+            by("protocol", self.protocol_refused),
+        )
+        metric(
+            "llm_node_noise_handshakes_total",
+            "counter",
+            "Protocol v2 handshakes, by result (accepted, or the error code).",
+            by("result", self.v2_handshakes),
+        )
+        metric(
+            "llm_node_record_auth_failures_total",
+            "counter",
+            "Protocol v2 records that failed authentication (connection closed 1008).",
+            [("", self.v2_auth_failures)],
+        )
+        histogram(
+            lines,
+            "llm_node_noise_handshake_seconds",
+            "Server CPU time to handle a v2 handshake message and the session record.",
+            self.v2_handshake_latency,
+        )
         return "\n".join(lines) + "\n"
+
+
+def histogram(lines: list[str], name: str, help_text: str, h: Histogram) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} histogram")
+    cumulative = 0
+    for bound, count in zip(h.buckets, h.counts, strict=False):
+        cumulative += count
+        lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
+    lines.append(f'{name}_bucket{{le="+Inf"}} {h.count}')
+    lines.append(f"{name}_sum {h.sum:.6f}")
+    lines.append(f"{name}_count {h.count}")

@@ -139,6 +139,7 @@ class StoredReceipt:
                 started_at=c["started_at"],
                 ended_at=c["ended_at"],
                 end_reason=c["end_reason"],
+                protocol=c["protocol"],
             )
         except (TypeError, ValueError) as exc:
             raise ReceiptError(f"receipt row {self.sequence}: {exc}") from None
@@ -369,7 +370,8 @@ class LedgerStore:
     ) -> int:
         cur = conn.execute(
             "INSERT INTO sessions (session_id, job_id, chain_id, client_address, model, "
-            "price_per_token, encrypted, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "price_per_token, encrypted, started_at, protocol) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 identity.session_id,
                 _decimal_or_none(identity.job_id),
@@ -379,6 +381,7 @@ class LedgerStore:
                 str(identity.price_per_token),
                 int(identity.encrypted),
                 started_at,
+                identity.protocol,
             ),
         )
         uid = cur.lastrowid
@@ -459,14 +462,16 @@ class LedgerStore:
             started_at=started_at,
             ended_at=ended_at,
             end_reason=end_reason,
+            protocol=identity.protocol,
         )
         signed = sign_receipt(receipt, host_key)
         conn.execute(
             "INSERT INTO receipts (sequence, session_uid, version, session_id, job_id, "
             "chain_id, client_address, host_address, model, prompt_tokens, "
             "completion_tokens, total_tokens, request_count, price_per_token, amount, "
-            "encrypted, started_at, ended_at, end_reason, canonical_json, signature, signed) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "encrypted, started_at, ended_at, end_reason, canonical_json, signature, signed, "
+            "protocol) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?)",
             (
                 receipt.sequence,
                 uid,
@@ -490,6 +495,7 @@ class LedgerStore:
                 receipt.canonical_json(),
                 signed.signature_hex,
                 int(signed.signed),
+                receipt.protocol,
             ),
         )
         return signed
@@ -532,12 +538,12 @@ class LedgerStore:
         with self._locked("recover open sessions") as conn, self._transaction(conn):
             rows = conn.execute(
                 "SELECT s.session_uid, s.session_id, s.job_id, s.chain_id, s.client_address, "
-                "s.model, s.price_per_token, s.encrypted, s.started_at, "
+                "s.model, s.price_per_token, s.encrypted, s.started_at, s.protocol, "
                 "(SELECT MAX(created_at) FROM requests r WHERE r.session_uid = s.session_uid) "
                 "FROM sessions s LEFT JOIN receipts x ON x.session_uid = s.session_uid "
                 "WHERE x.sequence IS NULL ORDER BY s.session_uid"
             ).fetchall()
-            for uid, sid, job, chain, client, model, price, enc, started, last in rows:
+            for uid, sid, job, chain, client, model, price, enc, started, proto, last in rows:
                 try:
                     identity = SessionIdentity(
                         session_id=sid,
@@ -547,6 +553,7 @@ class LedgerStore:
                         model=model,
                         price_per_token=int(price),
                         encrypted=bool(enc),
+                        protocol=proto,
                     )
                 except (TypeError, ValueError) as exc:
                     raise LedgerError(

@@ -27,6 +27,8 @@ Fields of the receipt object:
   IEEE doubles (anything above 2**53 - 1).
 - ``encrypted`` (bool), ``started_at`` and ``ended_at`` (ISO-8601 UTC with milliseconds,
   ``Z`` suffix), ``end_reason`` (e.g. ``disconnect``, ``reinit``, ``idle_timeout``).
+- ``protocol``: ``"v2"`` for a session over protocol v2 (``/v2/ws``). Absent for protocol
+  v1, so that v1 receipts keep exactly the fields and bytes they always had.
 
 Export form (``llm-node receipts export --json``, one element per receipt)::
 
@@ -49,7 +51,7 @@ from node.crypto.errors import CryptoError
 from node.crypto.hostkey import HostKey
 from node.crypto.secret import constant_time_equal
 from node.settlement.errors import ReceiptError
-from node.settlement.usage import MAX_TOKENS, MAX_UINT256, check_text, check_uint
+from node.settlement.usage import MAX_TOKENS, MAX_UINT256, PROTOCOLS, check_text, check_uint
 
 RECEIPT_TYPE = "llm-node.usage-receipt"
 RECEIPT_VERSION = 1
@@ -80,6 +82,8 @@ _FIELDS = frozenset(
         "end_reason",
     }
 )
+#: Written only when not "v1" (a v1 receipt has exactly ``_FIELDS``).
+_PROTOCOL_FIELD = "protocol"
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
@@ -129,6 +133,7 @@ class Receipt:
     started_at: str
     ended_at: str
     end_reason: str
+    protocol: str = "v1"
     version: int = RECEIPT_VERSION
 
     def __attrs_post_init__(self) -> None:
@@ -152,6 +157,8 @@ class Receipt:
         _optional_address("host_address", self.host_address)
         if not isinstance(self.encrypted, bool):
             raise ReceiptError("receipt field encrypted must be a bool")
+        if self.protocol not in PROTOCOLS:
+            raise ReceiptError(f"receipt field protocol must be one of {', '.join(PROTOCOLS)}")
         if self.version != RECEIPT_VERSION:
             raise ReceiptError(f"unsupported receipt version {self.version!r}")
 
@@ -165,7 +172,7 @@ class Receipt:
         return self.total_tokens * self.price_per_token
 
     def to_json_object(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "type": RECEIPT_TYPE,
             "version": self.version,
             "sequence": self.sequence,
@@ -186,6 +193,9 @@ class Receipt:
             "ended_at": self.ended_at,
             "end_reason": self.end_reason,
         }
+        if self.protocol != "v1":
+            obj[_PROTOCOL_FIELD] = self.protocol
+        return obj
 
     def canonical_json(self) -> str:
         return canonical_json(self.to_json_object())
@@ -199,7 +209,7 @@ class Receipt:
         """Parse a receipt object strictly; derived fields must agree with the rest."""
         if not isinstance(obj, Mapping):
             raise ReceiptError("a receipt must be a JSON object")
-        keys = set(obj)
+        keys = set(obj) - {_PROTOCOL_FIELD}
         if keys != _FIELDS:
             missing = sorted(_FIELDS - keys)
             extra = sorted(keys - _FIELDS)
@@ -224,7 +234,10 @@ class Receipt:
             started_at=obj["started_at"],
             ended_at=obj["ended_at"],
             end_reason=obj["end_reason"],
+            protocol=obj.get(_PROTOCOL_FIELD, "v1"),
         )
+        if obj.get(_PROTOCOL_FIELD) == "v1":
+            raise ReceiptError('a v1 receipt leaves out the protocol field (it is not "v1")')
         if obj["total_tokens"] != receipt.total_tokens:
             raise ReceiptError("total_tokens is not prompt_tokens + completion_tokens")
         if parse_decimal("amount", obj["amount"], limit=MAX_AMOUNT) != receipt.amount:

@@ -90,7 +90,14 @@ _V2 = (
     "CREATE INDEX submissions_by_status ON submissions (status)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # The wire protocol a session came over ("v1" or "v2"); receipts of v2 sessions
+    # carry it in their signed text, v1 receipts leave it out (so they stay as they were).
+    "ALTER TABLE sessions ADD COLUMN protocol TEXT NOT NULL DEFAULT 'v1'",
+    "ALTER TABLE receipts ADD COLUMN protocol TEXT NOT NULL DEFAULT 'v1'",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 LATEST_VERSION = len(MIGRATIONS)
 
 

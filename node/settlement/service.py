@@ -46,6 +46,7 @@ class LedgerAccounting:
             model=_text(session.model_name, self.default_model),
             price_per_token=session.price_per_token if session.encrypted else 0,
             encrypted=session.encrypted,
+            protocol=session.protocol,
         )
 
     async def session_started(self, session: Session) -> None:

@@ -101,6 +101,15 @@ def _chain_id(_: Any, attribute: attrs.Attribute[Any], value: object) -> None:
     check_uint(attribute.name, value, limit=2**63 - 1)
 
 
+#: The wire protocols a session can come over (receipts of v2 sessions say so).
+PROTOCOLS = ("v1", "v2")
+
+
+def _protocol(_: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in PROTOCOLS:
+        raise ValueError(f"{attribute.name} must be one of {', '.join(PROTOCOLS)}")
+
+
 def _bool(_: Any, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{attribute.name} must be a bool")
@@ -122,8 +131,11 @@ class SessionIdentity:
     model: str = attrs.field(validator=_text)
     price_per_token: int = attrs.field(validator=_uint256)
     encrypted: bool = attrs.field(validator=_bool)
+    protocol: str = attrs.field(default="v1", validator=_protocol)
 
     def __attrs_post_init__(self) -> None:
+        if self.protocol != "v1" and not self.encrypted:
+            raise ValueError("only protocol v1 has plaintext sessions")
         if self.encrypted and self.client_address is None:
             raise ValueError("an encrypted session needs the client address from its init")
         if not self.encrypted and self.client_address is not None:

@@ -32,7 +32,13 @@ class LiveNode:
 async def run_node(
     backend: Backend | None = None, *, plaintext_only: bool = False, **config: Any
 ) -> AsyncIterator[LiveNode]:
-    """The real node (NodeServer) in this Trio run, listening on an OS-chosen port."""
+    """The real node (NodeServer) in this Trio run, listening on an OS-chosen port.
+
+    It serves protocol v1 only unless ``protocols`` says otherwise: these tests are about
+    v1, which a default client (``protocol="auto"``) then uses after its fallback; the v2
+    tests (tests/client/test_v2_*.py) ask for ``protocols=("v1", "v2")``.
+    """
+    config.setdefault("protocols", ("v1",))
     key = HostKey.generate()
     ctx = NodeContext(
         config=NodeConfig(port=0, **config),

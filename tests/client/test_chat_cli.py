@@ -187,3 +187,20 @@ def test_unreachable_node_fails_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "error [CONNECT_FAILED]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], "v2"), (["--protocol", "v1"], "v1")])
+def test_protocol_choice(node_process: NodeProcess, flag: list[str], expected: str) -> None:
+    result = chat("--url", node_process.url, *flag, "--json", "which protocol")
+    assert result.returncode == 0, result.stderr
+    transcript = json.loads(result.stdout)
+    assert transcript["protocol"] == expected
+    assert transcript["text"] == "which protocol"
+    assert "falling back" not in result.stderr
+    assert "does not offer protocol v2" not in result.stderr
+
+
+def test_protocol_v2_is_never_plaintext() -> None:
+    result = chat("--protocol", "v2", "--plaintext", "hi")
+    assert result.returncode == 2
+    assert "error [INVALID_ARGUMENT]: --protocol v2 is always encrypted" in result.stderr

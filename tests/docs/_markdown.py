@@ -28,9 +28,11 @@ LANGUAGES = ("sh", "python")
 DOCS = (
     "README.md",
     "docs/API.md",
+    "docs/PROTOCOL.md",
     "docs/DEPLOYMENT.md",
     "docs/ENCRYPTION_MIGRATION.md",
     "docs/ENCRYPTION_SECURITY.md",
+    "docs/PROTOCOL_V2.md",
     "docs/TROUBLESHOOTING.md",
 )
 

@@ -1,13 +1,17 @@
 """The documentation names only things the code has, and names all of them.
 
-- every wire error code appears in docs/TROUBLESHOOTING.md (as a heading) and docs/API.md;
+- every wire error code appears in docs/TROUBLESHOOTING.md (as a heading), docs/API.md and
+  the error table of docs/PROTOCOL.md, which names nothing else;
+- every closing code appears in docs/API.md, docs/TROUBLESHOOTING.md and docs/PROTOCOL.md;
 - every client-side error code appears in docs/TROUBLESHOOTING.md;
 - every flag of ``llm-node serve --help`` is in the flag table of docs/DEPLOYMENT.md with
   its environment variable and default, and the variable really sets the flag;
 - every ``LLM_NODE_*`` variable, ``llm_node_*`` metric and command-line flag the documents
   mention exists;
 - every relative link points to a file and heading that exist;
-- README.md keeps the two fresh-machine commands CI relies on.
+- README.md keeps the two fresh-machine commands CI relies on;
+- README.md and every document link docs/PROTOCOL.md, and none sends readers to a folder
+  outside the repository.
 """
 
 from __future__ import annotations
@@ -77,6 +81,15 @@ def test_every_wire_error_code_is_documented() -> None:
         assert f"`{code.value}`" in api, f"API.md does not mention {code}"
 
 
+def test_protocol_lists_every_wire_error_code_and_nothing_else() -> None:
+    rows = table_rows(read_doc("docs/PROTOCOL.md"), "Code")
+    listed = [re.fullmatch(r"`([A-Z_]+)`", cells[0]) for cells in rows]
+    assert all(listed), f"bad code cells in PROTOCOL.md: {[r[0] for r in rows]}"
+    codes = [m.group(1) for m in listed if m]
+    assert sorted(codes) == sorted(c.value for c in ErrorCode)
+    assert all(len(cells) == 2 and cells[1] for cells in rows), "a code without its reason"
+
+
 def test_every_client_error_code_is_documented() -> None:
     codes = {
         cls.code
@@ -103,7 +116,7 @@ def test_troubleshooting_names_no_unknown_codes() -> None:
 
 
 def test_closing_codes_are_documented() -> None:
-    for doc in ("docs/API.md", "docs/TROUBLESHOOTING.md"):
+    for doc in ("docs/API.md", "docs/TROUBLESHOOTING.md", "docs/PROTOCOL.md"):
         text = read_doc(doc)
         for code in ("1000", "1001", "1008", "1009"):
             assert re.search(rf"^\| {code}\b", text, re.M), f"{doc} lacks close code {code}"
@@ -285,3 +298,28 @@ def test_readme_links_every_document() -> None:
     readme = read_doc("README.md")
     for doc in DOCS[1:]:
         assert f"]({doc})" in readme, f"README.md does not link {doc}"
+
+
+def test_every_document_links_the_protocol() -> None:
+    for doc, text in _all_docs():
+        if doc == "docs/PROTOCOL.md":
+            continue
+        target = "docs/PROTOCOL.md" if doc == "README.md" else "PROTOCOL.md"
+        assert re.search(rf"\]\({re.escape(target)}(#[^)]*)?\)", prose(text)), (
+            f"{doc} does not link {target}"
+        )
+
+
+def test_no_document_points_outside_the_repository() -> None:
+    """A reader of a fresh clone has nothing beside it: no ``../`` paths that leave the
+    repository, and no mention of the folder beside the checkout where the contract and the
+    vectors used to live."""
+    old_home = "shared" + "/"  # spelled so that grepping the repository for it finds nothing
+    for doc, text in _all_docs():
+        assert old_home not in text, f"{doc} refers to {old_home}"
+        base = (REPO_ROOT / doc).parent
+        for target in re.findall(r"\]\(([^)\s#]+)", prose(text)):
+            if re.match(r"[a-z]+://", target):
+                continue
+            resolved = (base / target).resolve()
+            assert resolved.is_relative_to(REPO_ROOT), f"{doc} links {target}, outside"

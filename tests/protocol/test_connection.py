@@ -13,6 +13,7 @@ from node.crypto.session_init import InitPayload
 from node.protocol import (
     CancelRequest,
     Close,
+    HoldTimer,
     InitReplayCache,
     PlaintextDeprecated,
     SessionEnded,
@@ -50,6 +51,12 @@ from tests.protocol._support import (
 E = ErrorCode
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))
+K3 = bytes(range(200, 232))
+
+
+def fresh() -> bytes:
+    """A new session key: each init needs its own."""
+    return os.urandom(32)
 
 
 def plain_init(
@@ -415,17 +422,17 @@ def test_allow_list_with_the_client_admits_it() -> None:
 def test_init_rate_limit_and_refill() -> None:
     clock = Clock()
     conn = make_conn(clock=clock, init_burst=2, init_refill_per_s=0.5)
-    assert kinds(conn.receive(make_init(K1, session_id="1"))) == ["SessionStarted", "Send"]
-    assert kinds(conn.receive(make_init(K1, session_id="2"))) == ["SessionStarted", "Send"]
-    assert error_code(conn.receive(make_init(K1, session_id="3"))) is E.RATE_LIMITED
+    assert kinds(conn.receive(make_init(fresh(), session_id="1"))) == ["SessionStarted", "Send"]
+    assert kinds(conn.receive(make_init(fresh(), session_id="2"))) == ["SessionStarted", "Send"]
+    assert error_code(conn.receive(make_init(fresh(), session_id="3"))) is E.RATE_LIMITED
     clock.advance(1.0)  # half an init back: still refused
-    assert error_code(conn.receive(make_init(K1, session_id="3"))) is E.RATE_LIMITED
+    assert error_code(conn.receive(make_init(fresh(), session_id="3"))) is E.RATE_LIMITED
     clock.advance(1.0)
-    assert kinds(conn.receive(make_init(K1, session_id="3"))) == ["SessionStarted", "Send"]
+    assert kinds(conn.receive(make_init(fresh(), session_id="3"))) == ["SessionStarted", "Send"]
     clock.advance(1000.0)  # the allowance refills only up to the burst
     for sid in ("4", "5"):
-        assert kinds(conn.receive(make_init(K1, session_id=sid))) == ["SessionStarted", "Send"]
-    assert error_code(conn.receive(make_init(K1, session_id="6"))) is E.RATE_LIMITED
+        assert kinds(conn.receive(make_init(fresh(), session_id=sid))) == ["SessionStarted", "Send"]
+    assert error_code(conn.receive(make_init(fresh(), session_id="6"))) is E.RATE_LIMITED
 
 
 def test_failed_inits_spend_the_allowance_too() -> None:
@@ -437,12 +444,22 @@ def test_failed_inits_spend_the_allowance_too() -> None:
 
 def test_full_replay_cache_refuses_new_inits() -> None:
     clock = Clock()
-    cache = InitReplayCache(window_s=60, max_entries=1, clock=clock)
+    # An accepted init takes two entries: its (ephemeral key, nonce) and its session key.
+    cache = InitReplayCache(window_s=60, max_entries=2, clock=clock)
     conn = make_conn(clock=clock, cache=cache)
-    conn.receive(make_init(K1, session_id="1"))
-    assert error_code(conn.receive(make_init(K1, session_id="2"))) is E.RATE_LIMITED
+    assert kinds(conn.receive(make_init(K1, session_id="1"))) == ["SessionStarted", "Send"]
+    assert len(cache) == 2
+    assert error_code(conn.receive(make_init(K2, session_id="2"))) is E.RATE_LIMITED
     clock.advance(60)
-    assert kinds(conn.receive(make_init(K1, session_id="2"))) == ["SessionStarted", "Send"]
+    assert kinds(conn.receive(make_init(K2, session_id="2"))) == ["SessionStarted", "Send"]
+
+
+def test_a_cache_with_room_for_the_init_only_refuses_it() -> None:
+    """The session-key entry needs room too: no init is accepted without it."""
+    cache = InitReplayCache(window_s=60, max_entries=1, clock=Clock())
+    conn = make_conn(cache=cache)
+    assert error_code(conn.receive(make_init(K1))) is E.RATE_LIMITED
+    assert conn.sessions == {}
 
 
 def test_crypto_failures_of_an_init_keep_their_codes() -> None:
@@ -507,8 +524,8 @@ def test_expire_sessions_drops_only_idle_expired_encrypted_sessions() -> None:
     conn.receive(make_init(K1, session_id="1"))
     clock.advance(5)
     conn.receive(make_init(K2, session_id="2"))
-    conn.receive(make_init(K1, session_id="3"))
-    start(conn, K1, 0, session_id="3")  # streaming: kept until it ends
+    conn.receive(make_init(K3, session_id="3"))
+    start(conn, K3, 0, session_id="3")  # streaming: kept until it ends
     clock.advance(5)
     first_key = conn.sessions["1"].key
     actions = conn.expire_sessions()
@@ -553,10 +570,15 @@ def test_stream_cancel_cancels_once() -> None:
     start(conn, K1, 0)
     actions = conn.receive(StreamCancel(session_id="42", reason="user stop"))
     assert actions == [CancelRequest("user stop")]
-    assert conn.receive(StreamCancel(session_id="42")) == []
+    # A second cancel waits for the first one's stream to end (it may be meant for the
+    # next request), then finds nothing to cancel.
+    assert conn.receive(StreamCancel(session_id="42")) == [HoldTimer(10.0)]
     assert conn.streaming  # the driver ends the stream with finish("cancelled")
+    assert conn.release_held() is None
     frames = conn.finish("cancelled", prompt_tokens=2)
     assert frames[-1].reason == "cancelled"  # type: ignore[union-attr]
+    assert conn.release_held() == (StreamCancel(session_id="42"), [])
+    assert conn.release_held() is None
     assert conn.receive(StreamCancel()) == []  # nothing in flight: nothing to cancel
     start(conn, K1, 1)
     assert conn.receive(StreamCancel()) == [CancelRequest("client requested cancel")]
@@ -696,8 +718,8 @@ def test_sessions_per_connection_are_capped() -> None:
     clock = Clock()
     conn = make_conn(clock=clock, max_sessions=3, init_burst=100)
     for sid in ("1", "2", "3"):
-        assert kinds(conn.receive(make_init(K1, session_id=sid))) == ["SessionStarted", "Send"]
-    refused = conn.receive(make_init(K1, session_id="4"))
+        assert kinds(conn.receive(make_init(fresh(), session_id=sid))) == ["SessionStarted", "Send"]
+    refused = conn.receive(make_init(fresh(), session_id="4"))
     assert error_code(refused) is E.RATE_LIMITED
     assert conn.keys_held == 3
     # Re-initialising a session it already holds is still fine.

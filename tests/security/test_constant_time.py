@@ -74,6 +74,11 @@ ALLOWED: Final[dict[tuple[str, str], str]] = {
     ): "allow-list membership (a hash lookup) of the address the client just proved; the "
     "answer is sent to that client anyway (SESSION_AUTH_DENIED or an ack)",
     (
+        "protocol/v2/server.py",
+        "verified.client_address.lower() not in allowed",
+    ): "v2's allow-list membership of the address the client just proved by signature, as "
+    "in v1; the answer goes to that client anyway",
+    (
         "protocol/replay.py",
         "self._digest(key) in self._seen",
     ): "replay cache lookup: SHA-256 of the ephemeral public key and nonce, both sent in "

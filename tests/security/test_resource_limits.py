@@ -214,7 +214,8 @@ async def test_bogus_inits_beyond_the_rate_are_refused_without_ecdh(
 async def test_the_replay_cache_is_bounded_and_refuses_rather_than_forgets(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    node = build_node(replay_max_entries=3, replay_window_s=60.0)
+    # Each accepted init takes two entries: (ephemeral key, nonce) and its session key.
+    node = build_node(replay_max_entries=6, replay_window_s=60.0)
     with trio.fail_after(GUARD_S * 10):
         for i in range(3):
             async with memory_client(node) as client:
@@ -222,7 +223,7 @@ async def test_the_replay_cache_is_bounded_and_refuses_rather_than_forgets(
         async with memory_client(node) as client:
             await client.send(init_frame(node.host_public_key, session_id="9")[0])
             await client.expect_error("RATE_LIMITED")
-        assert len(node.ctx.replay_cache) == 3
+        assert len(node.ctx.replay_cache) == 6
         await trio.sleep(61)  # the window passes: room again
         async with memory_client(node) as client:
             await client.init(node.host_public_key, session_id="9")

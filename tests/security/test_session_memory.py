@@ -150,7 +150,7 @@ def test_one_connection_holds_at_most_its_budget() -> None:
     assert results[PER_CONNECTION:] == [ErrorCode.RATE_LIMITED] * 2
     assert conn.session_bytes == PER_CONNECTION * COST <= MAX_SESSION_BYTES_PER_CONNECTION
     # re-initialising a held session id with less data frees room for another session
-    conn.receive(make_init(b"\x09" * 32, session_id="1", job_id=1, model_name="echo"))
+    conn.receive(make_init(b"\xf9" * 32, session_id="1", job_id=1, model_name="echo"))
     assert conn.session_bytes == (PER_CONNECTION - 1) * COST + session_cost("echo", None)
     assert fill(conn, 1, start=500) == [None]
 

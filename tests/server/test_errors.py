@@ -365,7 +365,8 @@ async def _rate_limited(c: WsClient, node: RunningNode) -> None:
     assert replies[11]["code"] == "RATE_LIMITED"
 
 
-@case("rate-limited-replay-cache-full", replay_max_entries=1)
+# Two entries per accepted init: its (ephemeral key, nonce) and its session key.
+@case("rate-limited-replay-cache-full", replay_max_entries=2)
 async def _replay_cache_full(c: WsClient, node: RunningNode) -> None:
     await c.init(node.host_public_key, session_id="1")
     await c.send(_init(node, session_id="2"))

@@ -243,7 +243,7 @@ def test_durability_pragmas_and_integrity(ledger: Ledger) -> None:
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("synchronous") == 2  # FULL
     assert store.pragma("foreign_keys") == 1
-    assert store.pragma("user_version") == LATEST_VERSION == 2
+    assert store.pragma("user_version") == LATEST_VERSION == 3
     assert store.integrity_check() == "ok"
     with pytest.raises(ValueError, match="pragma"):
         store.pragma("user_version; DROP TABLE receipts")
@@ -301,7 +301,7 @@ async def test_upgrade_from_schema_version_1(
     conn.close()
 
     with Ledger.open(ledger_path, host_key=host_key, wall_clock=wall_clock) as ledger:
-        assert ledger.store.pragma("user_version") == 2
+        assert ledger.store.pragma("user_version") == LATEST_VERSION
         # The v1 session left open is turned into a receipt from its request rows.
         [recovered] = ledger.recovered
         assert recovered.receipt.end_reason == "recovered_after_restart"
