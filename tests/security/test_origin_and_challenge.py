@@ -174,3 +174,11 @@ async def test_our_client_explains_a_turned_off_challenge(node_factory: NodeFact
     node = await node_factory.start(v1_challenge=False)
     with pytest.raises(ConnectFailed, match="pin"):
         await discover_host_key(node.url)
+
+
+@pytest.mark.parametrize("origin", [None, "https://evil.example"])
+async def test_the_v2_endpoint_checks_origins_too(node: RunningNode, origin: str | None) -> None:
+    request = upgrade(origin).replace(b"GET /v1/ws ", b"GET /v2/ws ", 1)
+    status, _ = await answer_to(node, request)
+    assert status == (101 if origin is None else 403)
+    await node.drivers.wait_until(lambda d: not d)
