@@ -11,7 +11,7 @@ a quadratic one 16 times. The check allows up to 8 (``FACTOR``). No absolute tim
 asserted: each measurement is the best of several rounds of this thread's CPU time
 (``time.thread_time``, which other processes on the machine do not inflate), with
 the collector off, and a round repeats the call often enough to last a few
-milliseconds at size N.
+milliseconds at size N; a ratio over the factor is measured again, up to three times.
 """
 
 from __future__ import annotations
@@ -110,11 +110,23 @@ def growth(run: Callable[[str], None], small: str, large: str) -> float:
     return best_large / best_small
 
 
+def settled_growth(run: Callable[[str], None], small: str, large: str, attempts: int = 3) -> float:
+    """``growth``, measured again (up to ``attempts`` times) while it exceeds ``FACTOR``: a
+    burst of load on a shared machine can spoil one measurement, not three in a row,
+    while a quadratic parser exceeds the factor every time."""
+    ratio = growth(run, small, large)
+    for _ in range(attempts - 1):
+        if ratio <= FACTOR:
+            break
+        ratio = min(ratio, growth(run, small, large))
+    return ratio
+
+
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cost_grows_linearly(shape: str, entry: str) -> None:
     make = SHAPES[shape]
-    ratio = growth(ENTRY_POINTS[entry], make(N), make(4 * N))
+    ratio = settled_growth(ENTRY_POINTS[entry], make(N), make(4 * N))
     assert ratio <= FACTOR, (
         f"{entry} on {shape}: 4 times the input cost {ratio:.1f} times the time (linear: ~4)"
     )
@@ -163,14 +175,14 @@ def test_hex_decoding_is_linear() -> None:
             decode_hex(text, "x")
 
     for make in (lambda n: "ab" * (n // 2), lambda n: "0x" + "f" * n + "g"):
-        assert growth(run, make(4 * N), make(16 * N)) <= FACTOR
+        assert settled_growth(run, make(4 * N), make(16 * N)) <= FACTOR
 
 
 def test_splitting_text_for_frames_is_linear() -> None:
     def run(text: str) -> None:
         split_for_frames(text, 1, 64)
 
-    assert growth(run, "é" * N, "é" * (4 * N)) <= FACTOR
+    assert settled_growth(run, "é" * N, "é" * (4 * N)) <= FACTOR
     parts = split_for_frames("é" * 100 + "😀", 7, 64)
     assert "".join(p for p, _ in parts) == "é" * 100 + "😀"
     assert all(len(p.encode()) <= 64 for p, _ in parts)
