@@ -251,6 +251,7 @@ class Bench:
                 "backend": backend,
                 "ledger_path": ledger,
                 "log_level": "warning",
+                "address_init_burst": 0,  # every client runs on this machine
                 **config,
             }
             cmd = lib.bench_cmd("node", "--config", json.dumps(full))
@@ -270,6 +271,8 @@ class Bench:
                 ledger,
                 "--log-level",
                 "warning",
+                "--address-init-burst",
+                "0",
                 *(cli or []),
             ]
         child = await lib.Child.start(name, cmd, log_dir=self.tmp, env=self._node_env, pipes=False)

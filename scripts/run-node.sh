@@ -8,7 +8,7 @@ data_dir=${LLM_NODE_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/llm-node}
 key_file="$data_dir/host-key"
 if [ -z "${HOST_PRIVATE_KEY+x}" ]; then
   if [ ! -s "$key_file" ]; then
-    mkdir -p "$data_dir"
+    mkdir -p -m 700 "$data_dir"
     (umask 077 && .venv/bin/llm-node keygen --json |
       .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["private_key"])' >"$key_file")
     echo "==> created a host key in $key_file (keep it secret; back it up)" >&2

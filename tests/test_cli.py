@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from eth_account import Account
 
 from node import __version__
 from node.cli import main
+from node.config import NodeConfig
 from node.crypto import HostKey
 from node.crypto.hostkey import ENV_VAR
 
@@ -131,3 +133,192 @@ def test_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_protocols_v2_needs_the_host_key(
+    workers: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    ledger = str(tmp_path / "ledger.sqlite3")
+    args = ["serve", "--backend", "echo", "--protocols", "v2", "--workers", workers]
+    assert main([*args, "--ledger", ledger]) == 2
+    assert "--protocols v2 needs HOST_PRIVATE_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["v3", "", "v1,v1", "v1;v2", "V2,x"])
+def test_serve_refuses_unknown_protocol_lists(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert main(["serve", "--backend", "echo", "--protocols", value]) == 2
+    assert "is not a list of protocols" in capsys.readouterr().err
+
+
+def test_protocol_lists_parse_in_a_fixed_order() -> None:
+    from node.cli import parse_protocols
+
+    assert parse_protocols("v2, V1") == ("v1", "v2")
+    assert parse_protocols("v2") == ("v2",)
+
+
+# ------------------------------------------------------------- serve settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("LLM_NODE_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def _serve_config(*argv: str) -> NodeConfig:
+    from node.cli import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def _serve_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The error of a serve command line that must stop before serving (exit 2)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", *argv])
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("LLM_NODE_LOG_LEVEL", "verbose", "LLM_NODE_LOG_LEVEL: 'verbose' is not one of"),
+        ("LLM_NODE_PORT", "80x", "LLM_NODE_PORT: '80x' is not a non-negative integer"),
+        ("LLM_NODE_REQUIRE_ENCRYPTION", "maybe", "LLM_NODE_REQUIRE_ENCRYPTION: 'maybe' is not"),
+        ("LLM_NODE_LOG_FORMAT", "xml", "LLM_NODE_LOG_FORMAT: 'xml' is not one of text, json"),
+    ],
+)
+def test_a_bad_environment_value_names_its_variable(
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    expected: str,
+) -> None:
+    clean_env.setenv(variable, value)
+    err = _serve_error(capsys)
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_the_same_bad_value_on_the_command_line_names_the_flag(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _serve_error(capsys, "--log-level", "verbose")
+    assert "argument --log-level: 'verbose' is not one of" in err
+    assert "LLM_NODE_" not in err.splitlines()[-1]
+
+
+def test_names_in_lists_are_accepted_in_any_case(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("LLM_NODE_LOG_FORMAT", "JSON")
+    clean_env.setenv("LLM_NODE_LOG_LEVEL", "Warning")
+    config = _serve_config("--backend", "ECHO")
+    assert (config.log_format, config.log_level, config.backend) == ("json", "warning", "echo")
+
+
+def test_a_boolean_variable_can_be_overridden_on_the_command_line(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("LLM_NODE_REQUIRE_ENCRYPTION", "TRUE")
+    assert _serve_config().require_encryption is True
+    assert _serve_config("--no-require-encryption").require_encryption is False
+    clean_env.setenv("LLM_NODE_REQUIRE_ENCRYPTION", "off")
+    assert _serve_config().require_encryption is False
+    assert _serve_config("--require-encryption").require_encryption is True
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0x12", "is not an Ethereum address"),
+        ("a3c508742417dfcda2067FF05b98750Fe6e5e0Fa", "is not an Ethereum address"),
+        ("0xa3c508742417dfcda2067FF05b98750Fe6e5e0FA", "wrong EIP-55 checksum"),
+        ("0xa3c508742417dfcda2067ff05b98750fe6e5e0fg", "is not an Ethereum address"),
+        (",", "names no address"),
+    ],
+)
+def test_allowed_clients_refuses_malformed_addresses(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    assert main(["serve", "--backend", "echo", "--allowed-clients", text]) == 2
+    assert "error: --allowed-clients: " in capsys.readouterr().err
+    clean_env.setenv("LLM_NODE_ALLOWED_CLIENTS", text)
+    assert main(["serve", "--backend", "echo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: LLM_NODE_ALLOWED_CLIENTS: ")
+    assert expected in err
+
+
+def test_allowed_clients_accepts_good_addresses(clean_env: pytest.MonkeyPatch) -> None:
+    config = _serve_config(
+        "--allowed-clients",
+        "0xa3c508742417dfcda2067FF05b98750Fe6e5e0Fa, 0xABC0000000000000000000000000000000000000",
+    )
+    assert config.allowed_clients == {
+        "0xa3c508742417dfcda2067ff05b98750fe6e5e0fa",
+        "0xabc0000000000000000000000000000000000000",
+    }
+
+
+def test_model_map_errors_name_the_variable_and_bare_names_map_to_themselves(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("LLM_NODE_UPSTREAM_MODEL_MAP", "a=")
+    assert main(["serve", "--backend", "echo"]) == 2
+    assert capsys.readouterr().err.startswith("error: LLM_NODE_UPSTREAM_MODEL_MAP: ")
+    clean_env.setenv("LLM_NODE_UPSTREAM_MODEL_MAP", "qwen=Qwen/Qwen2.5,llama3")
+    assert _serve_config().upstream_model_map == {"qwen": "Qwen/Qwen2.5", "llama3": "llama3"}
+
+
+def test_new_knobs_reach_the_config(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("LLM_NODE_SHUTDOWN_GRACE", "12")
+    config = _serve_config(
+        "--max-sessions", "5", "--init-burst", "3", "--init-refill", "0.5",
+        "--n-gpu-layers", "20", "--default-max-tokens", "64", "--default-temperature", "0.1",
+        "--trusted-proxies", "10.0.0.0/8,::1",
+    )  # fmt: skip
+    assert (
+        config.max_sessions,
+        config.init_burst,
+        config.init_refill_per_s,
+        config.n_gpu_layers,
+        config.default_max_tokens,
+        config.default_temperature,
+        config.shutdown_grace_s,
+        config.trusted_proxies,
+    ) == (5, 3, 0.5, 20, 64, 0.1, 12.0, ("10.0.0.0/8", "::1/128"))
+
+
+def test_serve_help_shows_variables_and_defaults(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[LLM_NODE_PORT; default: 8080]" in text
+    assert "[LLM_NODE_REQUIRE_ENCRYPTION; default: off]" in text
+    assert "--no-require-encryption" in text
+
+
+def test_settings_from_the_environment_can_travel_to_workers(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    import pickle
+
+    clean_env.setenv("LLM_NODE_HOST", "127.0.0.1")
+    config = _serve_config()
+    assert type(config.host) is str
+    assert pickle.loads(pickle.dumps(config)) == config

@@ -25,6 +25,7 @@ from node.client.discovery import (
     fetch_models,
     identity_from_public_key,
     normalize_address,
+    tls_context,
     websocket_url,
 )
 from node.client.errors import ClientError, NodeErrorResponse
@@ -41,6 +42,7 @@ from node.client.session import (
     random_client_key,
 )
 from node.crypto.curve import SECP256K1_N, address_of
+from node.textsafe import printable
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
@@ -74,6 +76,11 @@ def add_chat_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help=f"the node's HTTP base URL or ws:// URL (default {DEFAULT_URL})",
     )
     p.add_argument("--host-pubkey", help="the node's host public key (hex); skips discovery")
+    p.add_argument(
+        "--ca-file",
+        help="PEM file of the CA certificate(s) that signed an https/wss node's certificate "
+        "(default: the system's trust store)",
+    )
     p.add_argument(
         "--expect-host-address",
         help="refuse to talk unless the node's host key has this Ethereum address",
@@ -179,6 +186,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("the prompt is empty")
     if args.plaintext and args.protocol == "v2":
         raise UsageError("--protocol v2 is always encrypted; leave out --plaintext")
+    try:
+        args.ssl_context = tls_context(args.ca_file)
+    except ValueError as exc:
+        raise UsageError(f"--ca-file: {exc}") from None
 
 
 def _say(stream: TextIO, text: str) -> None:
@@ -203,7 +214,7 @@ def _stats_line(completion: Completion) -> str:
         parts.append(f"tokens {completion.tokens_used} completion")
     parts.append(f"finish {completion.finish_reason}")
     parts.append(f"{completion.elapsed_s:.3f} s")
-    return "[" + ", ".join(parts) + "]"
+    return printable("[" + ", ".join(parts) + "]")
 
 
 def _transcript(session: ClientSession, prompt: str, completion: Completion) -> dict[str, Any]:
@@ -246,7 +257,9 @@ async def _read_line() -> str:
 async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
     model = args.model
     if model is None:
-        models = await fetch_models(args.url, timeout_s=args.connect_timeout)
+        models = await fetch_models(
+            args.url, timeout_s=args.connect_timeout, ssl_context=args.ssl_context
+        )
         model = models[0] if models else ""
     job_id = args.job_id or _random_job_id()
     failures = 0
@@ -265,6 +278,7 @@ async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
         connect_timeout=args.connect_timeout,
         first_chunk_timeout=args.first_chunk_timeout,
         chunk_timeout=args.chunk_timeout,
+        ssl_context=args.ssl_context,
     ) as session:
         if args.protocol == "auto" and not args.plaintext and session.protocol != "v2":
             why = (
@@ -302,7 +316,8 @@ async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
 
 
 def _error_line(code: str, message: str) -> None:
-    _say(sys.stderr, f"error [{code}]: {message}\n")
+    # Both come from the node (or from a value it echoed): shown escaped, on one line.
+    _say(sys.stderr, f"error [{printable(code)}]: {printable(message)}\n")
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -130,13 +131,45 @@ def identity_from_public_key(
     return identity
 
 
+def connection_failure_cause(exc: BaseException) -> str:
+    """What made a connection fail, in words: a TLS certificate problem is named as
+    such (with the verifier's reason), an OS error by its message, else the type."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            reason = current.verify_message or current.reason or "certificate verify failed"
+            return (
+                f"TLS certificate verification failed ({reason}); if the node uses a "
+                "private CA, pass its certificate with --ca-file"
+            )
+        if isinstance(current, ssl.SSLError):
+            return f"TLS handshake failed ({current.reason or current})"
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        current = current.__cause__ or current.__context__
+    return type(exc).__name__
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """A client TLS context trusting ``ca_file`` as well as nothing else (None: the
+    system's trust store). Raises ValueError when the file cannot be used."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use {ca_file} as CA certificates: {exc}") from None
+
+
 async def _request_json(
     client: httpx.AsyncClient, method: str, url: str, *, json_body: Any = None
 ) -> Any:
     try:
         response = await client.request(method, url, json=json_body)
     except httpx.HTTPError as exc:
-        raise ConnectFailed(f"cannot reach {url}: {type(exc).__name__}") from None
+        raise ConnectFailed(f"cannot reach {url}: {connection_failure_cause(exc)}") from None
     if response.status_code == 404 and url.endswith(("/v1/host-key", "/v1/auth/challenge")):
         raise ConnectFailed(
             "the node has no host key (it serves plaintext clients only)",
@@ -162,6 +195,7 @@ async def discover_host_key(
     timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
     rng: Callable[[int], bytes] = os.urandom,
     transport: httpx.AsyncBaseTransport | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> HostIdentity:
     """Fetch the node's host key and prove the node holds it.
 
@@ -172,7 +206,9 @@ async def discover_host_key(
     if expected_address is not None:
         normalize_address(expected_address)
     base = http_base_url(url)
-    async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+    async with httpx.AsyncClient(
+        timeout=timeout_s, transport=transport, verify=ssl_context or True
+    ) as client:
         announced = await _request_json(client, "GET", base + "/v1/host-key")
         if not isinstance(announced, dict) or not isinstance(announced.get("publicKey"), str):
             raise HostVerificationFailed("/v1/host-key did not answer with a publicKey")
@@ -223,10 +259,13 @@ async def fetch_models(
     *,
     timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
     transport: httpx.AsyncBaseTransport | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[str]:
     """Model ids from ``GET /v1/models``, in the node's order."""
     base = http_base_url(url)
-    async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+    async with httpx.AsyncClient(
+        timeout=timeout_s, transport=transport, verify=ssl_context or True
+    ) as client:
         listing = await _request_json(client, "GET", base + "/v1/models")
     data = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(data, list):
@@ -239,13 +278,16 @@ async def fetch_protocols(
     *,
     timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
     transport: httpx.AsyncBaseTransport | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[str, ...]:
     """The WebSocket protocols the node offers, from ``GET /v1/version`` (``protocols``).
 
     A node that does not list them (older than protocol v2) speaks v1 only.
     """
     base = http_base_url(url)
-    async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+    async with httpx.AsyncClient(
+        timeout=timeout_s, transport=transport, verify=ssl_context or True
+    ) as client:
         info = await _request_json(client, "GET", base + "/v1/version")
     listed = info.get("protocols") if isinstance(info, dict) else None
     if listed is None:

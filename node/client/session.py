@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -34,6 +35,7 @@ from trio_websocket import (
 from node.client import frames
 from node.client.discovery import (
     HostIdentity,
+    connection_failure_cause,
     discover_host_key,
     endpoint_protocol,
     fetch_protocols,
@@ -654,6 +656,7 @@ async def choose_protocol(
     encrypted: bool,
     websocket: WebSocketConnection | None,
     timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> str:
     """The protocol a session will speak (``auto``: v2 when the node offers it).
 
@@ -668,7 +671,7 @@ async def choose_protocol(
         raise ValueError("protocol v2 is always end-to-end encrypted; plaintext needs v1")
     if protocol != "auto":
         if websocket is None:
-            await _check_offered(url, protocol, timeout_s)
+            await _check_offered(url, protocol, timeout_s, ssl_context)
         return protocol
     if not encrypted:
         return "v1"
@@ -678,7 +681,7 @@ async def choose_protocol(
     if websocket is not None:
         return "v1"
     try:
-        offered = await fetch_protocols(url, timeout_s=timeout_s)
+        offered = await fetch_protocols(url, timeout_s=timeout_s, ssl_context=ssl_context)
     except ConnectFailed as exc:
         log.warning(
             "cannot learn the node's protocols (%s); falling back to protocol v1", exc.message
@@ -693,11 +696,13 @@ async def choose_protocol(
     return "v1"
 
 
-async def _check_offered(url: str, protocol: str, timeout_s: float) -> None:
+async def _check_offered(
+    url: str, protocol: str, timeout_s: float, ssl_context: ssl.SSLContext | None = None
+) -> None:
     """A pinned protocol the node's ``/v1/version`` does not list is refused here, before
     any WebSocket (a node that cannot be asked is tried anyway: the upgrade decides)."""
     try:
-        offered = await fetch_protocols(url, timeout_s=timeout_s)
+        offered = await fetch_protocols(url, timeout_s=timeout_s, ssl_context=ssl_context)
     except ConnectFailed:
         return
     if protocol in offered:
@@ -732,6 +737,7 @@ async def open_session(
     websocket: WebSocketConnection | None = None,
     protocol: str = "auto",
     padding: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[ClientSession]:
     """Connect to a node and open one session on it.
 
@@ -746,7 +752,8 @@ async def open_session(
     asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
     ``websocket`` is an already-open connection to use instead of connecting to ``url``
     (custom transports, tests over memory streams); the caller stays responsible for
-    closing it.
+    closing it. ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's
+    trust store; see :func:`~node.client.discovery.tls_context` for a private CA).
     """
     job_text = _decimal_text(job_id, "job_id")
     session_text = job_text if session_id is None else _decimal_text(session_id, "session_id")
@@ -754,14 +761,23 @@ async def open_session(
         raise ValueError("chain_id must be a positive integer")
     websocket_url(url)  # a bad URL is refused before any network traffic
     chosen = await choose_protocol(
-        url, protocol, encrypted=encrypted, websocket=websocket, timeout_s=connect_timeout
+        url,
+        protocol,
+        encrypted=encrypted,
+        websocket=websocket,
+        timeout_s=connect_timeout,
+        ssl_context=ssl_context,
     )
     ws_url = websocket_url(url, chosen)
     host: HostIdentity | None = None
     if encrypted:
         if host_public_key is None:
             host = await discover_host_key(
-                url, expected_address=expected_host_address, timeout_s=connect_timeout, rng=rng
+                url,
+                expected_address=expected_host_address,
+                timeout_s=connect_timeout,
+                rng=rng,
+                ssl_context=ssl_context,
             )
         else:
             host = identity_from_public_key(host_public_key, expected_address=expected_host_address)
@@ -770,7 +786,9 @@ async def open_session(
         if websocket is not None:
             ws = websocket
         else:
-            ws = await _connect(stack, ws_url, connect_timeout, pinned=protocol == chosen)
+            ws = await _connect(
+                stack, ws_url, connect_timeout, ssl_context, pinned=protocol == chosen
+            )
         settings: dict[str, Any] = {
             "ws_url": ws_url,
             "host": host,
@@ -803,7 +821,12 @@ async def open_session(
 
 
 async def _connect(
-    stack: AsyncExitStack, ws_url: str, timeout_s: float, *, pinned: bool = False
+    stack: AsyncExitStack,
+    ws_url: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    pinned: bool = False,
 ) -> WebSocketConnection:
     opened: list[WebSocketConnection] = []
     # Runs after the WebSocket's own exit (exit callbacks run last-in, first-out).
@@ -812,6 +835,7 @@ async def _connect(
         ws: WebSocketConnection = await stack.enter_async_context(
             open_websocket_url(
                 ws_url,
+                ssl_context=ssl_context,
                 max_message_size=MAX_FRAME_BYTES,
                 connect_timeout=timeout_s,
                 disconnect_timeout=timeout_s,
@@ -828,8 +852,9 @@ async def _connect(
         ) from None
     except HandshakeError as exc:
         raise ConnectFailed(f"cannot open a WebSocket to {ws_url}") from exc
-    except OSError as exc:
-        raise ConnectFailed(f"cannot connect to {ws_url}: {exc.strerror or exc}") from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        cause = connection_failure_cause(exc)
+        raise ConnectFailed(f"cannot connect to {ws_url}: {cause}") from None
     opened.append(ws)
     return ws
 

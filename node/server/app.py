@@ -13,7 +13,8 @@ from trio_websocket import wrap_server_stream
 from node import PROTOCOL_VERSION, __version__
 from node.config import NodeConfig, is_loopback_host, normalize_origin
 from node.crypto.encoding import decode_hex, loads_bounded
-from node.crypto.errors import InvalidHexEncoding
+from node.crypto.errors import InvalidHexEncoding, NodeError
+from node.protocol.storage import LEDGER, REPLAY_CACHE
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
 from node.server.driver_v2 import ConnectionDriverV2
@@ -27,6 +28,7 @@ from node.server.http import (
     read_request,
     write_response,
 )
+from node.server.remote import parse_trusted_proxies, remote_address
 
 log = logging.getLogger("node.server")
 
@@ -87,12 +89,17 @@ def build_router(ctx: NodeContext) -> Router:
     router = Router()
 
     async def health(_: HttpRequest) -> HttpResponse:
-        ready = await ctx.backend.ready()
+        # Liveness: answers at once, also while the model loads (then "ready" is false).
+        ready = False if ctx.backend_loading else await ctx.backend.ready()
+        storage = ctx.storage
+        status = "starting" if not ready else "degraded" if storage.degraded else "ok"
         return HttpResponse.json(
             200,
             {
-                "status": "ok" if ready else "starting",
+                "status": status,
                 "ready": ready,
+                "ledger": storage.state(LEDGER),
+                "replay_cache": storage.state(REPLAY_CACHE),
                 "backend": ctx.backend.name,
                 "encryption": ctx.host_key is not None,
                 "connections": len(ctx.drivers),
@@ -150,10 +157,26 @@ def build_router(ctx: NodeContext) -> Router:
         signature = key.sign_challenge(data)
         return HttpResponse.json(200, {"signature": signature[:64].hex(), "recid": signature[64]})
 
-    async def metrics(_: HttpRequest) -> HttpResponse:
-        return HttpResponse(
-            200, ctx.metrics.render().encode(), content_type="text/plain; version=0.0.4"
-        )
+    async def metrics(request: HttpRequest) -> HttpResponse:
+        body, content_type = ctx.metrics.exposition(request.headers.get("accept"))
+        return HttpResponse(200, body, content_type=content_type)
+
+    async def ready(_: HttpRequest) -> HttpResponse:
+        # Readiness: 503 while the backend loads, when it cannot serve, and from the
+        # moment shutdown starts (the node drains its connections while it still answers).
+        if ctx.shutting_down:
+            return HttpResponse.json(503, {"ready": False, "status": "shutting_down"})
+        if ctx.backend_loading:
+            return HttpResponse.json(503, {"ready": False, "status": "loading"})
+        if not ctx.backend_loaded:
+            ctx.backend_loaded = await ctx.backend.ready()
+            if not ctx.backend_loaded:
+                return HttpResponse.json(503, {"ready": False, "status": "backend_not_ready"})
+        try:
+            ctx.storage.admit()  # --on-ledger-failure refuse with a failing ledger
+        except NodeError:
+            return HttpResponse.json(503, {"ready": False, "status": "storage_unavailable"})
+        return HttpResponse.json(200, {"ready": True, "status": "ok"})
 
     async def ws_without_upgrade(request: HttpRequest) -> HttpResponse:
         refused = protocol_refused(ctx, request.path)
@@ -165,6 +188,8 @@ def build_router(ctx: NodeContext) -> Router:
 
     router.add("GET", "/health", health)
     router.add("GET", "/v1/health", health)
+    router.add("GET", "/ready", ready)
+    router.add("GET", "/v1/ready", ready)
     router.add("GET", "/v1/version", version)
     router.add("GET", "/v1/models", models)
     router.add("GET", "/v1/host-key", host_key)
@@ -196,7 +221,9 @@ class NodeServer:
         self.ctx = ctx
         self.router = build_router(ctx)
         self._pending_upgrades = 0
+        self._trusted = parse_trusted_proxies(",".join(ctx.config.trusted_proxies))
         ctx.metrics.live_states = ctx.live_states
+        ctx.metrics.storage = ctx.storage
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection; whatever goes wrong stays inside it."""
@@ -233,8 +260,11 @@ class NodeServer:
                     self.ctx.metrics.http_requests[str(refused.status)] += 1
                     await _quiet(write_response(stream, conn, refused))
                     return
+                remote = remote_address(
+                    _peer(stream), request.headers.get("x-forwarded-for"), self._trusted
+                )
                 await self._websocket(
-                    ReplayStream(raw, stream), stream, conn, WS_PATHS[request.path]
+                    ReplayStream(raw, stream), stream, conn, WS_PATHS[request.path], remote
                 )
                 return
             try:
@@ -247,7 +277,12 @@ class NodeServer:
             await _quiet(write_response(stream, conn, response, head=head))
 
     async def _websocket(
-        self, replay: ReplayStream, raw_stream: trio.abc.Stream, conn: Any, protocol: str
+        self,
+        replay: ReplayStream,
+        raw_stream: trio.abc.Stream,
+        conn: Any,
+        protocol: str,
+        remote: str | None = None,
     ) -> None:
         ctx = self.ctx
         if ctx.shutting_down:
@@ -286,10 +321,12 @@ class NodeServer:
                 finally:
                     self._pending_upgrades -= 1
                 if ws is not None:
-                    if protocol == "v2":
-                        await ConnectionDriverV2(ctx, ws, connection_id).run()
-                    else:
-                        await ConnectionDriver(ctx, ws, connection_id).run()
+                    driver: ConnectionDriver | ConnectionDriverV2 = (
+                        ConnectionDriverV2(ctx, ws, connection_id, remote)
+                        if protocol == "v2"
+                        else ConnectionDriver(ctx, ws, connection_id, remote)
+                    )
+                    await driver.run()
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One connection failing must never take the node down. trio-websocket's reader
@@ -324,32 +361,50 @@ class NodeServer:
                 )
                 task_status.started(listeners)
                 await shutdown.wait()
+                # From here /ready says 503 and upgrades get 503; the listener keeps
+                # answering HTTP while the open connections drain.
+                ctx.shutting_down = True
+                # One scheduler pass first, as before this drain kept the listener open:
+                # a chunk that is being sealed and sent right now leaves before its
+                # request is cancelled (a cancel between sealing and sending would leave
+                # a gap in the chunk indices the client sees).
+                await trio.lowlevel.checkpoint()
+                log.info("shutting down", extra={"connections": len(ctx.drivers)})
+                for driver in list(ctx.drivers):
+                    driver.shutdown()
+                if ctx.drivers:
+                    with trio.move_on_after(ctx.config.shutdown_grace_s):
+                        await ctx.all_closed.wait()
                 acceptor.cancel_scope.cancel()
-            ctx.shutting_down = True
-            log.info("shutting down", extra={"connections": len(ctx.drivers)})
-            for driver in list(ctx.drivers):
-                driver.shutdown()
-            if ctx.drivers:
-                with trio.move_on_after(ctx.config.shutdown_grace_s):
-                    await ctx.all_closed.wait()
             connections.cancel_scope.cancel()
         for key_holder in list(ctx.drivers):  # pragma: no cover - defensive
             key_holder.wipe_keys()
 
 
-async def open_listeners(
-    host: str, port: int, *, reuse_port: bool = False
-) -> list[trio.SocketListener]:
-    """TCP listeners; with ``reuse_port`` several worker processes can share the port."""
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """The TCP listener of a single-process node (workers get theirs from the parent).
+
+    No ``SO_REUSEPORT``: a second node on the same port fails with "Address already in use".
+    """
     sock = trio.socket.socket(
         trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
     )
     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
     await sock.bind((host, port))
     sock.listen(1024)
     return [trio.SocketListener(sock)]
+
+
+def _peer(stream: trio.abc.Stream) -> str | None:
+    """The IP address of a socket stream's peer (None for other streams)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return None
+    return str(name[0]) if isinstance(name, tuple) else None
 
 
 def _leaf_types(exc: BaseException) -> str:

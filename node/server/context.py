@@ -12,7 +12,9 @@ from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend, GenerationResult
 from node.protocol.connection import ProtocolConfig, Session, SessionMemory
+from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.replay import ReplayCache
+from node.protocol.storage import StorageHealth
 from node.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ class NodeContext:
     rng: Callable[[int], bytes] | None = None
     drivers: set[StreamingDriver] = attrs.field(factory=set)
     shutting_down: bool = False
+    backend_loading: bool = False  # the startup load of the backend is running
+    backend_loaded: bool = False  # the backend said ready once (then /ready is 200)
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
     # Session data held by all connections together (--max-session-bytes).
@@ -66,6 +70,20 @@ class NodeContext:
             lambda self: SessionMemory(self.config.max_session_bytes), takes_self=True
         )
     )
+    storage: StorageHealth = attrs.field(
+        default=attrs.Factory(
+            lambda self: StorageHealth(on_ledger_failure=self.config.on_ledger_failure),
+            takes_self=True,
+        )
+    )
+    address_limiter: AddressRateLimiter | None = None
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        if self.address_limiter is None and c.address_init_burst > 0:
+            self.address_limiter = AddressRateLimiter(
+                burst=c.address_init_burst, refill_per_s=c.address_init_rate, clock=self.clock
+            )
 
     def protocols(self) -> tuple[str, ...]:
         """The WebSocket protocols served: ``--protocols``, less v2 on a node without a
@@ -80,6 +98,9 @@ class NodeContext:
             max_errors=c.max_errors,
             allowed_clients=c.allowed_clients,
             allow_plaintext_with_allowlist=c.allow_plaintext_with_allowlist,
+            max_sessions=c.max_sessions,
+            init_burst=c.init_burst,
+            init_refill_per_s=c.init_refill_per_s,
         )
 
     def live_states(self) -> list[tuple[str, int, int, int, int]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Final
 
@@ -174,6 +175,7 @@ class StreamingDriver:
         self.ctx = ctx
         self.ws = ws
         self.id = connection_id
+        self.remote: str | None = None  # the client's IP address (see node.server.remote)
         self.end_reason = "disconnect"
         self.closing = False
         self.close_code: int | None = None
@@ -226,7 +228,21 @@ class StreamingDriver:
         ctx.metrics.connections_total += 1
         ctx.metrics.connections_open += 1
         ctx.metrics.protocol_connections[self.protocol] += 1
-        log.debug("connection opened", extra=self._log_extra)
+        log.debug("connection opened", extra={**self._log_extra, "remote": self.remote})
+
+    def _log_session_started(self, session: Session) -> None:
+        # Who: the remote address and the client's Ethereum address (never keys or text).
+        log.info(
+            "session started",
+            extra={
+                **self._log_extra,
+                "session": session.session_id,
+                "encrypted": session.encrypted,
+                "client": session.client_address,
+                "remote": self.remote,
+                "pid": os.getpid(),  # which worker, with --workers
+            },
+        )
 
     async def _closed(self, ended: list[SessionEnded]) -> None:
         """After the keys are wiped: settle the sessions, close the socket, report."""
@@ -398,7 +414,10 @@ class StreamingDriver:
             if self._request_scope is not None:
                 self._request_scope.cancel()
         elif self._nursery is not None:
-            self._nursery.start_soon(self._close, CLOSE_GOING_AWAY, "server shutdown")
+            # The connection may be ending on its own at this very moment (its nursery
+            # closed, its finally not yet run): then there is nothing left to close.
+            with contextlib.suppress(RuntimeError):
+                self._nursery.start_soon(self._close, CLOSE_GOING_AWAY, "server shutdown")
 
 
 class ConnectionDriver(StreamingDriver):
@@ -406,7 +425,13 @@ class ConnectionDriver(StreamingDriver):
 
     protocol = "v1"
 
-    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        ws: WebSocketConnection,
+        connection_id: int,
+        remote: str | None = None,
+    ) -> None:
         # Text per frame such that no frame exceeds what the node itself would accept.
         super().__init__(
             ctx,
@@ -414,6 +439,7 @@ class ConnectionDriver(StreamingDriver):
             connection_id,
             max(MIN_TEXT_BUDGET, (ctx.config.max_frame_bytes - FRAME_OVERHEAD) // MAX_EXPANSION),
         )
+        self.remote = remote  # the client's IP address (see node.server.remote)
         extra = {} if ctx.rng is None else {"rng": ctx.rng}
         self.state = ConnectionState(
             host_key=ctx.host_key,
@@ -421,6 +447,9 @@ class ConnectionDriver(StreamingDriver):
             clock=ctx.clock,
             config=ctx.protocol_config(),
             memory=ctx.session_memory,
+            address_limiter=ctx.address_limiter,
+            remote_address=remote,
+            admission=ctx.storage.admit,
             **extra,
         )
         self._hold_timer_running = False
@@ -635,6 +664,7 @@ class ConnectionDriver(StreamingDriver):
                 await self._close(action.code, action.reason)
                 keep_going = False
             elif isinstance(action, SessionStarted):
+                self._log_session_started(action.session)
                 await self.ctx.accounting.session_started(action.session)
             elif isinstance(action, SessionEnded):
                 await self.ctx.accounting.session_ended(action.session, action.reason)

@@ -26,7 +26,7 @@ from typing import Final
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from node.crypto.errors import NodeError
+from node.crypto.errors import ErrorCode, NodeError
 from node.protocol.connection import (
     CancelRequest,
     Close,
@@ -36,6 +36,7 @@ from node.protocol.connection import (
 )
 from node.protocol.errors import (
     CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
@@ -64,9 +65,16 @@ class ConnectionDriverV2(StreamingDriver):
 
     protocol = "v2"
 
-    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        ws: WebSocketConnection,
+        connection_id: int,
+        remote: str | None = None,
+    ) -> None:
         super().__init__(ctx, ws, connection_id, V2_TEXT_BUDGET)
         assert ctx.host_key is not None, "protocol v2 needs the host key"
+        self.remote = remote  # the client's IP address (see node.server.remote)
         self.state = ServerConnectionV2(
             host_key=ctx.host_key,
             clock=ctx.clock,
@@ -74,6 +82,9 @@ class ConnectionDriverV2(StreamingDriver):
                 allowed_clients=ctx.config.allowed_clients, max_errors=ctx.config.max_errors
             ),
             rng=os.urandom if ctx.rng is None else ctx.rng,
+            address_limiter=ctx.address_limiter,
+            remote_address=remote,
+            admission=ctx.storage.admit,
         )
         self._handshake_cpu = 0.0
         self._ended: list[SessionEnded] = []
@@ -174,6 +185,24 @@ class ConnectionDriverV2(StreamingDriver):
                 handshake_deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
 
     async def _on_frame(self, frame: str | bytes) -> bool:
+        """Handle one frame; False when the connection must end. A bug in handling it
+        ends this connection only: keys wiped, close 1011, the node goes on."""
+        try:
+            return await self._handle_frame(frame)
+        except (ConnectionClosed, trio.Cancelled):
+            raise
+        except Exception as exc:
+            log.error(
+                "frame handling failed",
+                extra={**self._log_extra, "error_type": type(exc).__name__},
+            )
+            self.end_reason = "error"
+            self.ctx.metrics.errors[ErrorCode.INTERNAL_ERROR.value] += 1
+            self._ended += self.state.close(self.end_reason)
+            await self._close(CLOSE_INTERNAL_ERROR, "internal error")
+            return False
+
+    async def _handle_frame(self, frame: str | bytes) -> bool:
         metrics = self.ctx.metrics
         if isinstance(frame, str):
             metrics.messages["v2_text"] += 1
@@ -195,6 +224,7 @@ class ConnectionDriverV2(StreamingDriver):
             elif isinstance(action, SessionStarted):
                 metrics.v2_handshakes["accepted"] += 1
                 metrics.v2_handshake_latency.observe(self._handshake_cpu)
+                self._log_session_started(action.session)
                 await ctx.accounting.session_started(action.session)
             elif isinstance(action, SessionEnded):
                 await ctx.accounting.session_ended(action.session, action.reason)

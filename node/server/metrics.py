@@ -1,40 +1,125 @@
-"""Node metrics in the Prometheus text exposition format (no third-party client)."""
+"""Node metrics, exported through the Prometheus project's Python client.
+
+One :class:`NodeMetrics` per node process. The server counts in plain attributes
+(``metrics.errors[code] += 1``, ``metrics.chunks += 1``): a prometheus-client increment
+costs over a microsecond (a lock and a value object), a frame a few tens, so the hot
+path never calls the client. :meth:`NodeMetrics.publish` hands what changed since the
+last call to the client's counters and sets the gauges: whenever this process renders
+a scrape, and every second in a worker of a multi-worker node. The two histograms
+observe into the client directly (one observation per session or handshake).
+
+Single process: the metrics live in a private registry and a scrape renders it.
+
+Several worker processes (``--workers N``): the parent creates a private directory
+(mode 0700) and names it in ``PROMETHEUS_MULTIPROC_DIR`` before it starts the workers;
+prometheus-client then keeps every value in small memory-mapped files per process in
+it, and whichever worker answers a scrape reads all of them
+(:class:`~prometheus_client.multiprocess.MultiProcessCollector`). Counters and
+histograms are summed over every process that ever ran, dead ones included (a
+restarted worker does not make a counter go down). Gauges are summed over the
+processes alive now (mode ``livesum``): the parent deletes a dead worker's gauge files
+(:func:`~prometheus_client.multiprocess.mark_process_dead`). Another worker's values
+are at most a second old.
+"""
 
 from __future__ import annotations
 
-import bisect
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+import prometheus_client
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge as PromGauge
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from node.protocol.storage import STORES, StorageHealth
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PROTOCOLS = ("v1", "v2")
 INIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
+# ``*_created`` series would double the output and mean little for a node's counters.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
-class Histogram:
-    def __init__(self, buckets: Iterable[float]) -> None:
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# (attribute, metric name, help, label) of the counters kept as plain attributes: an int
+# when ``label`` is None, else a Counter by that label's value.
+_COUNTERS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("connections_total", "llm_node_connections_total", "WebSocket connections accepted.", None),
+    (
+        "connections_refused",
+        "llm_node_connections_refused_total",
+        "Connections refused by --max-connections.",
+        None,
+    ),
+    (
+        "inits_accepted",
+        "llm_node_inits_accepted_total",
+        "Session inits accepted, by mode.",
+        "mode",
+    ),
+    ("inits_refused", "llm_node_inits_refused_total", "Session inits refused, by code.", "code"),
+    ("messages", "llm_node_messages_total", "Inbound messages, by type.", "type"),
+    (
+        "requests",
+        "llm_node_requests_total",
+        "Inference requests, by finish reason.",
+        "finish_reason",
+    ),
+    ("chunks", "llm_node_chunks_total", "Streamed chunks sent.", None),
+    ("tokens", "llm_node_tokens_total", "Completion tokens streamed.", None),
+    ("errors", "llm_node_errors_total", "Error frames sent, by code.", "code"),
+    ("http_requests", "llm_node_http_requests_total", "HTTP requests, by status.", "status"),
+    (
+        "protocol_connections",
+        "llm_node_protocol_connections_total",
+        "WebSocket connections accepted, by protocol.",
+        "protocol",
+    ),
+    (
+        "protocol_refused",
+        "llm_node_protocol_refused_total",
+        "WebSocket upgrades refused because --protocols disables the protocol.",
+        "protocol",
+    ),
+    (
+        "v2_handshakes",
+        "llm_node_noise_handshakes_total",
+        "Protocol v2 handshakes, by result (accepted, or the error code).",
+        "result",
+    ),
+    (
+        "v2_auth_failures",
+        "llm_node_record_auth_failures_total",
+        "Protocol v2 records that failed authentication (connection closed 1008).",
+        None,
+    ),
+    (
+        "worker_restarts",
+        "llm_node_worker_restarts_total",
+        "Worker processes restarted after an unexpected exit (--workers).",
+        None,
+    ),
+)
 
 
 class NodeMetrics:
-    """Counters and gauges of one node process.
+    """Counters, gauges and histograms of one node process.
 
-    Gauges that describe live state (connections, sessions, keys) are read at render
-    time from ``live_states`` so they can never drift from the truth.
+    ``multiprocess_dir``: the shared directory of a multi-worker node (None: this
+    process alone). Count in the attributes; the gauges of live state (sessions, keys,
+    connections by protocol) are computed from ``live_states`` at each publish.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        self._registry: CollectorRegistry | None = (
+            None if multiprocess_dir else CollectorRegistry(auto_describe=True)
+        )
+        reg = self._registry
         self.connections_total = 0
         self.connections_open = 0
         self.connections_refused = 0
@@ -46,170 +131,160 @@ class NodeMetrics:
         self.requests: Counter[str] = Counter()  # by finish reason
         self.errors: Counter[str] = Counter()  # by code
         self.http_requests: Counter[str] = Counter()  # by status
-        self.init_latency = Histogram(INIT_BUCKETS_S)
         self.protocol_connections: Counter[str] = Counter()  # accepted, by protocol
         self.protocol_refused: Counter[str] = Counter()  # upgrades refused by --protocols
         self.v2_handshakes: Counter[str] = Counter()  # by result
         self.v2_auth_failures = 0
-        self.v2_handshake_latency = Histogram(INIT_BUCKETS_S)
+        self.worker_restarts = 0
         # Per open connection: (protocol, keys, key bytes, encrypted, plaintext sessions).
         self.live_states: Callable[[], Iterable[tuple[str, int, int, int, int]]] = lambda: ()
+        # The node's files (node.protocol.storage): failures counted, state now.
+        self.storage: StorageHealth | None = None
 
-    def render(self) -> str:
-        keys = key_bytes = sessions_enc = sessions_plain = 0
-        open_by: Counter[str] = Counter({p: 0 for p in PROTOCOLS})
-        keys_by: Counter[str] = Counter({p: 0 for p in PROTOCOLS})
-        for protocol, k, nbytes, enc, plain in self.live_states():
-            keys += k
-            key_bytes += nbytes
-            sessions_enc += enc
-            sessions_plain += plain
-            open_by[protocol] += 1
-            keys_by[protocol] += k
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                lines.append(
-                    f"{name}{labels} {value:g}"
-                    if isinstance(value, float)
-                    else f"{name}{labels} {value}"
-                )
-
-        def by(label: str, counter: Counter[str]) -> list[tuple[str, float]]:
-            return [(f'{{{label}="{_escape(k)}"}}', v) for k, v in sorted(counter.items())]
-
-        metric(
+        self._storage_failures = PromCounter(
+            "llm_node_storage_failures_total",
+            "Failed writes (or reads) of the node's files, by store (ledger, replay_cache).",
+            ["store"],
+            registry=reg,
+        )
+        self._storage_failing = PromGauge(
+            "llm_node_storage_failing",
+            "1 while a store's last write failed (until one succeeds), by store.",
+            ["store"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self._storage_published: Counter[str] = Counter()
+        for store in STORES:
+            self._storage_failures.labels(store)
+            self._storage_failing.labels(store).set(0)
+        self._connections_open = PromGauge(
             "llm_node_connections_open",
-            "gauge",
             "Open WebSocket connections.",
-            [("", self.connections_open)],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
-        metric(
-            "llm_node_connections_total",
-            "counter",
-            "WebSocket connections accepted.",
-            [("", self.connections_total)],
-        )
-        metric(
-            "llm_node_connections_refused_total",
-            "counter",
-            "Connections refused by --max-connections.",
-            [("", self.connections_refused)],
-        )
-        metric(
+        self._counters: dict[str, PromCounter] = {}
+        self._published: dict[str, Counter[str] | int] = {}
+        for attr, name, help_text, label in _COUNTERS:
+            labels = () if label is None else (label,)
+            self._counters[attr] = PromCounter(name, help_text, labels, registry=reg)
+            self._published[attr] = 0 if label is None else Counter()
+        self._sessions = PromGauge(
             "llm_node_sessions",
-            "gauge",
             "Sessions held by open connections, by mode.",
-            [('{mode="encrypted"}', sessions_enc), ('{mode="plaintext"}', sessions_plain)],
+            ["mode"],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
-        metric("llm_node_session_keys", "gauge", "Session keys held in memory.", [("", keys)])
-        metric(
+        self._session_keys = PromGauge(
+            "llm_node_session_keys",
+            "Session keys held in memory.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._session_key_bytes = PromGauge(
             "llm_node_session_key_bytes",
-            "gauge",
             "Bytes of session key material held.",
-            [("", key_bytes)],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
-        metric(
-            "llm_node_inits_accepted_total",
-            "counter",
-            "Session inits accepted, by mode.",
-            by("mode", self.inits_accepted),
+        self._protocol_open = PromGauge(
+            "llm_node_protocol_connections_open",
+            "Open WebSocket connections, by protocol.",
+            ["protocol"],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
-        metric(
-            "llm_node_inits_refused_total",
-            "counter",
-            "Session inits refused, by code.",
-            by("code", self.inits_refused),
+        self._protocol_keys = PromGauge(
+            "llm_node_protocol_session_keys",
+            "Connections' secret keys held in memory, by protocol.",
+            ["protocol"],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
-        metric(
-            "llm_node_messages_total",
-            "counter",
-            "Inbound messages, by type.",
-            by("type", self.messages),
-        )
-        metric(
-            "llm_node_requests_total",
-            "counter",
-            "Inference requests, by finish reason.",
-            by("finish_reason", self.requests),
-        )
-        metric("llm_node_chunks_total", "counter", "Streamed chunks sent.", [("", self.chunks)])
-        metric(
-            "llm_node_tokens_total", "counter", "Completion tokens streamed.", [("", self.tokens)]
-        )
-        metric(
-            "llm_node_errors_total",
-            "counter",
-            "Error frames sent, by code.",
-            by("code", self.errors),
-        )
-        metric(
-            "llm_node_http_requests_total",
-            "counter",
-            "HTTP requests, by status.",
-            by("status", self.http_requests),
-        )
-        histogram(
-            lines,
+        self.init_latency = PromHistogram(
             "llm_node_init_seconds",
             "Time to handle an encrypted_session_init.",
-            self.init_latency,
+            buckets=INIT_BUCKETS_S,
+            registry=reg,
         )
-        metric(
-            "llm_node_protocol_connections_open",
-            "gauge",
-            "Open WebSocket connections, by protocol.",
-            by("protocol", open_by),
-        )
-        metric(
-            "llm_node_protocol_connections_total",
-            "counter",
-            "WebSocket connections accepted, by protocol.",
-            by("protocol", self.protocol_connections),
-        )
-        metric(
-            "llm_node_protocol_session_keys",
-            "gauge",
-            "Connections' secret keys held in memory, by protocol.",
-            by("protocol", keys_by),
-        )
-        metric(
-            "llm_node_protocol_refused_total",
-            "counter",
-            "WebSocket upgrades refused because --protocols disables the protocol.",
-            by("protocol", self.protocol_refused),
-        )
-        metric(
-            "llm_node_noise_handshakes_total",
-            "counter",
-            "Protocol v2 handshakes, by result (accepted, or the error code).",
-            by("result", self.v2_handshakes),
-        )
-        metric(
-            "llm_node_record_auth_failures_total",
-            "counter",
-            "Protocol v2 records that failed authentication (connection closed 1008).",
-            [("", self.v2_auth_failures)],
-        )
-        histogram(
-            lines,
+        self.v2_handshake_latency = PromHistogram(
             "llm_node_noise_handshake_seconds",
             "Server CPU time to handle a v2 handshake message and the session record.",
-            self.v2_handshake_latency,
+            buckets=INIT_BUCKETS_S,
+            registry=reg,
         )
-        return "\n".join(lines) + "\n"
+
+    def worker_restarted(self) -> None:
+        self.worker_restarts += 1
+        self.publish()
+
+    def publish(self) -> None:
+        """Hand the counts since the last call to prometheus-client; set the gauges."""
+        for attr, counter in self._counters.items():
+            current = getattr(self, attr)
+            published = self._published[attr]
+            if isinstance(current, Counter):
+                assert isinstance(published, Counter)
+                for label, count in current.items():
+                    if count != published[label]:
+                        counter.labels(label).inc(count - published[label])
+                        published[label] = count
+            elif current != published:
+                counter.inc(current - published)
+                self._published[attr] = current
+        keys = key_bytes = enc = plain = 0
+        open_by: Counter[str] = Counter(dict.fromkeys(PROTOCOLS, 0))
+        keys_by: Counter[str] = Counter(dict.fromkeys(PROTOCOLS, 0))
+        for protocol, k, nbytes, e, p in self.live_states():
+            keys += k
+            key_bytes += nbytes
+            enc += e
+            plain += p
+            open_by[protocol] += 1
+            keys_by[protocol] += k
+        self._connections_open.set(self.connections_open)
+        self._sessions.labels("encrypted").set(enc)
+        self._sessions.labels("plaintext").set(plain)
+        self._session_keys.set(keys)
+        self._session_key_bytes.set(key_bytes)
+        for protocol in sorted(open_by):
+            self._protocol_open.labels(protocol).set(open_by[protocol])
+            self._protocol_keys.labels(protocol).set(keys_by[protocol])
+        storage = self.storage
+        if storage is not None:
+            for store in STORES:
+                count = storage.failures[store]
+                if count != self._storage_published[store]:
+                    self._storage_failures.labels(store).inc(count - self._storage_published[store])
+                    self._storage_published[store] = count
+                self._storage_failing.labels(store).set(int(storage.failing(store)))
+
+    # -- export ----------------------------------------------------------------------
+
+    def _collect_from(self) -> CollectorRegistry:
+        if self._registry is not None:
+            return self._registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return registry
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The scrape body and its content type, negotiated from an ``Accept`` header.
+
+        OpenMetrics when the scraper asks for it, otherwise the classic text format 0.0.4.
+        """
+        self.publish()
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self._collect_from()), content_type
+
+    def render(self) -> str:
+        """The classic Prometheus text format (what a plain ``GET /metrics`` returns)."""
+        self.publish()
+        return generate_latest(self._collect_from()).decode("utf-8")
 
 
-def histogram(lines: list[str], name: str, help_text: str, h: Histogram) -> None:
-    lines.append(f"# HELP {name} {help_text}")
-    lines.append(f"# TYPE {name} histogram")
-    cumulative = 0
-    for bound, count in zip(h.buckets, h.counts, strict=False):
-        cumulative += count
-        lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
-    lines.append(f'{name}_bucket{{le="+Inf"}} {h.count}')
-    lines.append(f"{name}_sum {h.sum:.6f}")
-    lines.append(f"{name}_count {h.count}")
+def multiprocess_dir_from_env() -> str | None:
+    """The shared metrics directory a multi-worker parent named for its workers."""
+    return os.environ.get(MULTIPROC_ENV) or None

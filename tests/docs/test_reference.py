@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 import node.client.errors as client_errors
-from node.cli import build_parser
+from node.cli import Switch, build_parser
 from node.client.cli import UsageError
 from node.crypto.errors import ErrorCode
 from node.server.metrics import NodeMetrics
@@ -144,7 +144,7 @@ def test_deployment_lists_every_serve_flag_and_nothing_else() -> None:
 
 def _sample(action: argparse.Action) -> tuple[str, object]:
     """An environment value for ``action`` that differs from its default, and its parse."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, argparse._StoreTrueAction | Switch):
         return "yes", True
     if action.choices:
         choice = next(c for c in action.choices if c != action.default)

@@ -64,6 +64,11 @@ SENSITIVE: Final = frozenset(
 # (path under node/, the comparison as ast.unparse writes it) -> why it is safe.
 ALLOWED: Final[dict[tuple[str, str], str]] = {
     (
+        "cli.py",
+        "to_checksum_address(bytes.fromhex(digits)) != '0x' + digits",
+    ): "EIP-55 check of an address in the operator's own --allowed-clients setting at "
+    "start-up: public data, no secret involved",
+    (
         "crypto/session_init.py",
         "key_hex[:2] in ('0x', '0X')",
     ): "format marker: whether the text starts with 0x decides the accepted length, which "

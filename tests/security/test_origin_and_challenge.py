@@ -163,7 +163,7 @@ def test_no_v1_challenge_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -
     assert config_from_args(build_parser().parse_args(["serve"])).v1_challenge is True
     args = build_parser().parse_args(["serve", "--no-v1-challenge"])
     assert config_from_args(args).v1_challenge is False
-    monkeypatch.setenv("LLM_NODE_NO_V1_CHALLENGE", "1")
+    monkeypatch.setenv("LLM_NODE_V1_CHALLENGE", "off")
     assert config_from_args(build_parser().parse_args(["serve"])).v1_challenge is False
 
 

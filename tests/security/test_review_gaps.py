@@ -166,7 +166,9 @@ async def test_version_stops_offering_plaintext_under_an_allow_list() -> None:
 
 
 def test_allow_plaintext_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = config_from_args(build_parser().parse_args(["serve", "--allowed-clients", "0xab"]))
+    config = config_from_args(
+        build_parser().parse_args(["serve", "--allowed-clients", "0x" + "ab" * 20])
+    )
     assert config.allow_plaintext_with_allowlist is False
     args = build_parser().parse_args(["serve", "--allow-plaintext-with-allowlist"])
     assert config_from_args(args).allow_plaintext_with_allowlist is True

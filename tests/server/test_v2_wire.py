@@ -9,6 +9,7 @@ duplicated records (each closes 1008 and wipes the connection's keys).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -97,7 +98,10 @@ async def test_version_lists_protocols(node_factory: NodeFactory) -> None:
                 name: (await http.get(n.url + "/v1/version")).json()["protocols"]
                 for name, n in [("both", both), ("v1", only_v1), ("v2", only_v2), ("nokey", no_key)]
             }
+        refused = await _upgrade(no_key.port or 0, "/v2/ws")
     assert got == {"both": ["v1", "v2"], "v1": ["v1"], "v2": ["v2"], "nokey": ["v1"]}
+    assert refused.startswith(b"HTTP/1.1 403")
+    assert b"protocol v2 needs a host key and this node has none" in refused
 
 
 async def _upgrade(port: int, path: str) -> bytes:
@@ -376,4 +380,62 @@ async def test_idle_timeout_says_goodbye(autojump_clock: trio.testing.MockClock)
     await node.wait_no_connections()
     [(_, reason)] = node.accounting.ended
     assert reason == "idle_timeout"
+    assert all_zero(node)
+
+
+async def test_v2_sessions_take_the_allowances_and_the_storage_admission(
+    node_factory: NodeFactory,
+) -> None:
+    """Protocol v2 sessions are bounded like v1's: the network and client address
+    allowances, and ``--on-ledger-failure refuse`` while the ledger fails."""
+    from node.client.errors import NodeErrorResponse
+
+    node = await node_factory.start(address_init_burst=1, address_init_rate=0.0)
+    with trio.fail_after(GUARD_S):
+        async with open_session(node.url, model="echo", job_id=1, client_key=CLIENT) as session:
+            assert session.protocol == "v2"
+        with pytest.raises(NodeErrorResponse) as refused:
+            async with open_session(node.url, model="echo", job_id=2, client_key=CLIENT):
+                pass
+        assert refused.value.code == "RATE_LIMITED"
+    failing = await node_factory.start(on_ledger_failure="refuse")
+    failing.ctx.storage.failed("ledger")
+    with trio.fail_after(GUARD_S):
+        with pytest.raises(NodeErrorResponse) as refused:
+            async with open_session(failing.url, model="echo", job_id=3, client_key=CLIENT):
+                pass
+        assert refused.value.code == "STORAGE_UNAVAILABLE"
+        failing.ctx.storage.recovered("ledger")
+        async with open_session(failing.url, model="echo", job_id=4, client_key=CLIENT) as ok:
+            assert (await ok.complete("fine")).text == "fine"
+
+
+async def test_a_bug_closes_only_its_v2_connection(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.protocol.v2 import ServerConnectionV2
+
+    real_receive = ServerConnectionV2.receive
+    calls = {"n": 0}
+
+    def receive(self: ServerConnectionV2, frame: bytes | bytearray) -> Any:
+        if self.session is not None and self.session.job_id == 666:
+            calls["n"] += 1
+            raise RuntimeError("a bug in the v2 core")
+        return real_receive(self, frame)
+
+    monkeypatch.setattr(ServerConnectionV2, "receive", receive)
+    port = node.port or 0
+    with trio.fail_after(GUARD_S):
+        async with raw_v2(port, HOST_PUB) as bystander, raw_v2(port, HOST_PUB) as victim:
+            await bystander.open_session()
+            await victim.open_session(terms(job_id=666))
+            await victim.send(victim.conn.ping())
+            code, frames = await victim.wait_closed()
+            await bystander.send(bystander.conn.ping())
+            assert await bystander.events() == [Pong()]
+    assert (code, frames) == (1011, [])
+    assert calls["n"] == 1
+    assert node.ctx.metrics.errors["INTERNAL_ERROR"] == 1
+    await node.wait_no_connections()
     assert all_zero(node)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 
 from node.crypto.hostkey import HostKey
 from node.settlement import (
@@ -44,8 +45,12 @@ V1_FIELDS = {
 
 
 def test_v1_receipt_has_no_protocol_field(host_key: HostKey) -> None:
+    # A receipt of a protocol v1 session: the fields it always had, plus the hash chain's
+    # two (receipt version 2); a receipt written before the chain has exactly the old ones.
     obj = json.loads(make_receipt(host_key).canonical_json())
-    assert set(obj) == V1_FIELDS
+    assert set(obj) == V1_FIELDS | {"ledger_epoch", "prev_hash"}
+    old = make_receipt(host_key, version=1, ledger_epoch=None)
+    assert set(json.loads(old.canonical_json())) == V1_FIELDS
 
 
 def test_v2_receipt_carries_protocol_and_round_trips(host_key: HostKey) -> None:
@@ -117,3 +122,44 @@ async def test_open_v2_session_is_recovered_as_v2(
     with Ledger.open(ledger_path, host_key=host_key, wall_clock=wall_clock) as ledger:
         [recovered] = ledger.recovered
     assert recovered.receipt.protocol == "v2"
+
+
+async def test_a_v2_session_through_a_live_node_gets_a_v2_receipt(tmp_path: Path) -> None:
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    from node.client import open_session
+    from node.settlement.service import LedgerAccounting
+    from tests.support.wire import SDK_HOST_KEY, running_node
+
+    host = HostKey.parse(SDK_HOST_KEY)
+    ledger = Ledger.open(tmp_path / "ledger.sqlite3", host_key=host)
+    with trio.fail_after(20):
+        async with (
+            running_node(host_key=host, accounting=LedgerAccounting(ledger)) as (_, url),
+            open_session(
+                url.replace("/v1/ws", "/v2/ws"),
+                model="echo",
+                job_id=91,
+                price_per_token=5,
+                host_public_key=host.public_key,
+            ) as session,
+        ):
+            assert session.protocol == "v2"
+            done = await session.complete("three words here")
+        # The node has shut down: every session is settled.
+    [stored] = list(ledger.store.iter_receipts())
+    receipt = json.loads(stored.canonical_json)
+    assert receipt["protocol"] == "v2"
+    assert receipt["job_id"] == "91"
+    assert receipt["client_address"] == session.client_address
+    assert done.usage is not None
+    assert receipt["total_tokens"] == done.usage.total_tokens
+    assert receipt["amount"] == str(done.usage.total_tokens * 5)
+    assert stored.verify(host_address=host.address).ok
+    signature = stored.signed_receipt().signature
+    assert signature is not None
+    text = stored.canonical_json
+    signer = Account.recover_message(encode_defunct(text=text), signature=signature)
+    assert signer == host.address
+    ledger.close()
