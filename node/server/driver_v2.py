@@ -75,6 +75,8 @@ class ConnectionDriverV2(StreamingDriver):
                 allowed_clients=ctx.config.allowed_clients, max_errors=ctx.config.max_errors
             ),
             rng=os.urandom if ctx.rng is None else ctx.rng,
+            # a pooled key (used by this connection only, wiped by it), else made inline
+            ephemeral=None if ctx.ephemeral_keys is None else ctx.ephemeral_keys.take(),
         )
         self._handshake_cpu = 0.0
         self._ended: list[SessionEnded] = []
