@@ -741,19 +741,20 @@ async def open_session(
 ) -> AsyncIterator[ClientSession]:
     """Connect to a node and open one session on it.
 
-    ``url`` is the node's HTTP base (``http://h:p``; the WebSocket is ``ws://h:p/v2/ws``
-    or ``ws://h:p/v1/ws``) or a ``ws://``/``wss://`` URL. ``protocol``: ``auto`` (the
-    default) speaks v2 when the node offers it and falls back to v1 with a warning;
-    ``v1`` or ``v2`` pins one (a session pinned to v2 never falls back; see
-    :func:`choose_protocol`). In encrypted mode (the default) the host key is
-    ``host_public_key`` or, when that is None, discovered with ``/v1/host-key`` and
-    confirmed with ``/v1/auth/challenge``; ``expected_host_address`` pins it.
-    ``client_key`` signs the init (a fresh random key when None). ``padding`` (v2 only)
-    asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
+    ``url`` is the node's HTTP base (``http://h:p``; the WebSocket is ``ws://h:p/v2/ws`` or
+    ``ws://h:p/v1/ws``) or a ``ws://``/``wss://`` URL. ``protocol``: ``auto`` (the default)
+    speaks v2 when the node offers it and falls back to v1 with a warning when it does not,
+    or when the ``/v2/ws`` upgrade is refused over HTTP (a proxy that only forwards
+    ``/v1/ws``), never after a failed v2 handshake; ``v1`` or ``v2`` pins one (a session
+    pinned to v2 never falls back; see :func:`choose_protocol`). In encrypted mode (the
+    default) the host key is ``host_public_key`` or, when that is None, discovered with
+    ``/v1/host-key`` and confirmed with ``/v1/auth/challenge``; ``expected_host_address``
+    pins it. ``client_key`` signs the init (a fresh random key when None). ``padding`` (v2
+    only) asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
     ``websocket`` is an already-open connection to use instead of connecting to ``url``
-    (custom transports, tests over memory streams); the caller stays responsible for
-    closing it. ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's
-    trust store; see :func:`~node.client.discovery.tls_context` for a private CA).
+    (custom transports, tests over memory streams); the caller stays responsible for closing
+    it. ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's trust store;
+    see :func:`~node.client.discovery.tls_context` for a private CA).
     """
     job_text = _decimal_text(job_id, "job_id")
     session_text = job_text if session_id is None else _decimal_text(session_id, "session_id")
