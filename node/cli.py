@@ -223,11 +223,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add("--max-connections", "open WebSocket connections per process", 10000,
         type=_positive_int)  # fmt: skip
     add("--max-sessions", "sessions one connection may hold at once", 64, type=_positive_int)
-    add("--init-burst", "encrypted session inits a connection may send at once", 10,
+    add("--init-burst", "session inits (either mode) a connection may send at once", 10,
         type=_positive_int)  # fmt: skip
     add("--init-refill", "inits per second the burst allowance refills", 1,
         type=_positive_float)  # fmt: skip
-    add("--replay-window", "seconds an accepted init is remembered", 900,
+    add("--replay-window", "seconds an accepted init is remembered (unset: the session TTL)",
         type=_positive_float)  # fmt: skip
     add("--max-errors", "error frames before a connection is closed", 10, type=_positive_int)
     add(
@@ -245,6 +245,23 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "v1,v2",
     )
     add("--ledger", "SQLite ledger path (unset: the data directory's ledger.sqlite3)")
+    add(
+        "--on-ledger-failure",
+        "when usage cannot be recorded: keep serving (serve), or refuse new sessions and "
+        "requests with STORAGE_UNAVAILABLE until the ledger takes writes (refuse)",
+        "serve",
+        type=_choice("serve", "refuse"),
+        choices=["serve", "refuse"],
+    )
+    add(
+        "--address-init-burst",
+        "new sessions one network address, or one client address, may open at once "
+        "across all its connections (0: no limit)",
+        60,
+        type=_non_negative_int,
+    )
+    add("--address-init-rate", "per second, how fast that allowance comes back", 5,
+        type=_non_negative_float)  # fmt: skip
     add("--workers", "processes sharing the port", 1, type=_positive_int)
     add("--shutdown-grace", "seconds open connections get to finish at shutdown", 5,
         type=_non_negative_float)  # fmt: skip
@@ -395,7 +412,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_sessions=args.max_sessions,
         init_burst=args.init_burst,
         init_refill_per_s=args.init_refill,
-        replay_window_s=args.replay_window,
+        replay_window_s=(
+            args.replay_window if args.replay_window is not None else args.session_ttl
+        ),
         max_errors=args.max_errors,
         allowed_clients=allowed,
         trusted_proxies=proxies,
@@ -405,6 +424,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         shutdown_grace_s=args.shutdown_grace,
         log_level=args.log_level,
         log_format=args.log_format,
+        on_ledger_failure=args.on_ledger_failure,
+        address_init_burst=args.address_init_burst,
+        address_init_rate=args.address_init_rate,
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from node.protocol.storage import LedgerPolicy
+
 
 @attrs.define
 class NodeConfig:
@@ -24,12 +26,16 @@ class NodeConfig:
     session_ttl_s: float = 24 * 3600.0
     max_frame_bytes: int = 1024 * 1024
     max_connections: int = 10_000
-    replay_window_s: float = 900.0
+    # At least the session TTL by default: an init is remembered for as long as the
+    # session it opened may live.
+    replay_window_s: float = attrs.field(
+        default=attrs.Factory(lambda self: max(900.0, self.session_ttl_s), takes_self=True)
+    )
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
     shutdown_grace_s: float = 5.0
     max_sessions: int = 64  # sessions one connection may hold at once
-    init_burst: int = 10  # encrypted inits a connection may send at once ...
+    init_burst: int = 10  # session inits (either mode) a connection may send at once ...
     init_refill_per_s: float = 1.0  # ... and how fast that allowance comes back
     n_gpu_layers: int = 0  # llama: layers offloaded to a GPU
     default_max_tokens: int = 256  # llama, openai: when a request names none
@@ -43,3 +49,7 @@ class NodeConfig:
     stream_queue_size: int = 64
     protocols: tuple[str, ...] = ("v1", "v2")  # the WebSocket protocols this node serves
     coalesce: bool = True  # merge queued pieces into one frame when the client is slower
+    on_ledger_failure: LedgerPolicy = "serve"  # see node.protocol.storage
+    # New sessions per network address and per client address, node-wide (0: no limit).
+    address_init_burst: int = 60
+    address_init_rate: float = 5.0

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from node.textsafe import printable
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -30,13 +32,15 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # Values may come from clients (session ids, model names): one record stays one
+        # line, and no escape sequence reaches the terminal that shows the log.
         extras = " ".join(
-            f"{k}={v}"
+            f"{k}={printable(str(v))}"
             for k, v in record.__dict__.items()
             if k not in _STANDARD and not k.startswith("_")
         )
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = f"{stamp} {record.levelname:<7} {record.name}: {printable(record.getMessage())}"
         if extras:
             line += f" [{extras}]"
         if record.exc_info and record.exc_info[0] is not None:

@@ -30,6 +30,7 @@ from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend
 from node.inference.factory import create_backend
+from node.protocol.storage import StorageHealth
 from node.server.app import NodeServer, open_listeners
 from node.server.context import NodeContext
 from node.server.metrics import MULTIPROC_ENV, NodeMetrics
@@ -107,12 +108,20 @@ async def _run_node(
     signals: AsyncIterator[int],
     listen_socket: socket.socket | None = None,
 ) -> None:
-    accounting = await open_accounting(config, host_key)
+    storage = StorageHealth(on_ledger_failure=config.on_ledger_failure)
+    accounting = await open_accounting(config, host_key, storage)
+    if config.replay_window_s < config.session_ttl_s:
+        log.warning(
+            "the replay window is shorter than the session TTL: an init recorded by an "
+            "eavesdropper can be replayed once the window has passed",
+            extra={"replay_window": config.replay_window_s, "session_ttl": config.session_ttl_s},
+        )
     try:
         # Shared by every worker and kept across restarts: a file beside the ledger.
         replay = SqliteReplayCache(
             ledger_path(config).with_name("replay-cache.sqlite3"),
             window_s=config.replay_window_s,
+            health=storage,
         )
     except BaseException:
         await accounting.aclose()
@@ -124,6 +133,7 @@ async def _run_node(
         backend=backend,
         replay_cache=replay,
         accounting=accounting,
+        storage=storage,
         metrics=NodeMetrics(multiprocess_dir=metrics_dir or None),
     )
     try:
@@ -135,6 +145,7 @@ async def _run_node(
         server = NodeServer(ctx)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, shutdown)
+            nursery.start_soon(accounting.watch)
 
             async def run_server(
                 task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,

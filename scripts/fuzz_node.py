@@ -53,6 +53,14 @@ from node.crypto.hostkey import HostKey  # noqa: E402
 from node.crypto.session_init import seal_session_init  # noqa: E402
 
 VECTORS = REPO / "tests" / "vectors" / "sdk" / "session_init_dev.json"
+HOSTILE_MODELS = (
+    "echo\n1    2099-01-01T00:00:00.000Z  forged  1  echo  1  1  0  0  yes  disconnect",
+    "echo\x1b[2J\x1b]0;title\x07",
+    "\u202eohce",
+    "echo\u2028next\x85line\x9b31m",
+    "echo\r\x00\x7f",
+)
+_TERMINAL_CONTROLS = tuple("\n\r\x1b\x07\x00\x7f\x85\x9b\u202e\u2028")
 ERROR_CODES = frozenset(c.value for c in ErrorCode)
 REPLY_TYPES = frozenset(
     {
@@ -127,6 +135,7 @@ class Results:
     tracebacks: int = 0
     contained_failures: int = 0
     final_session: str = "not run"
+    ledger_check: str = "not run"
     session_keys_after: float | None = None
     rss_kib_before: dict[str, int] = field(default_factory=dict)
     rss_kib_after: dict[str, int] = field(default_factory=dict)
@@ -148,6 +157,7 @@ class Results:
             or self.corrupt_chunks
             or self.tracebacks
             or self.final_session != "ok"
+            or self.ledger_check != "ok"
             or self.session_keys_after != 0
         )
 
@@ -171,6 +181,7 @@ class Results:
             "node_log_tracebacks": self.tracebacks,
             "contained_connection_failures": self.contained_failures,
             "final_session": self.final_session,
+            "ledger_check": self.ledger_check,
             "session_keys_after": self.session_keys_after,
             "rss_kib_before": self.rss_kib_before,
             "rss_kib_after": self.rss_kib_after,
@@ -349,7 +360,9 @@ class FrameMaker:
             PrivateKey(),
             key,
             job_id=r.randint(0, 10**6),
-            model_name="echo",
+            # Sometimes a model name built to forge rows or drive a terminal wherever it
+            # is shown later (receipts list, logs): checked by check_ledger at the end.
+            model_name=r.choice(HOSTILE_MODELS) if r.random() < 0.2 else "echo",
             include_recovery_key=r.random() < 0.8,
         )
         conv.keys.setdefault(session_id, []).append(key)
@@ -585,6 +598,39 @@ async def final_session(url: str, results: Results) -> None:
         results.final_session = f"failed: {type(exc).__name__}: {exc}"
 
 
+async def check_ledger(ledger: Path, results: Results) -> None:
+    """``receipts list`` shows one line per receipt whatever the models were called (no
+    control character reaches the terminal), and ``receipts verify`` finds the ledger
+    whole (signatures, totals, sequence numbers and the hash chain)."""
+
+    async def cli(*argv: str) -> tuple[int, str]:
+        done = await trio.run_process(
+            [sys.executable, "-m", "node", "receipts", *argv, "--ledger", str(ledger)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        return done.returncode, done.stdout.decode("utf-8", "replace")
+
+    code, listing = await cli("list")
+    lines = listing.splitlines()
+    if code != 0 or not lines:
+        results.ledger_check = f"receipts list failed (exit {code})"
+        return
+    count = int(lines[-1].split()[0])
+    if len(lines) != count + 2:
+        results.ledger_check = f"receipts list printed {len(lines)} lines for {count} receipts"
+        return
+    if any(ch in line for line in lines for ch in _TERMINAL_CONTROLS):
+        results.ledger_check = "receipts list printed a control character"
+        return
+    code, verdict = await cli("verify")
+    if code != 0:
+        results.ledger_check = "receipts verify failed: " + verdict.splitlines()[-1]
+        return
+    results.ledger_check = "ok"
+
+
 async def run(args: argparse.Namespace) -> Results:
     results = Results()
     sdk_data = json.loads(VECTORS.read_text(encoding="utf-8"))
@@ -604,6 +650,10 @@ async def run(args: argparse.Namespace) -> Results:
             str(Path(tmp) / "ledger.sqlite3"),
             "--log-level",
             "info",
+            # Every connection comes from 127.0.0.1: the per-address session allowance
+            # would refuse most inits before they reach the paths being fuzzed.
+            "--address-init-burst",
+            "0",
             host_key_hex=key_hex,
             log_path=log_path,
         ) as node:
@@ -624,6 +674,7 @@ async def run(args: argparse.Namespace) -> Results:
             else:
                 results.crash = f"node exited with status {node.process.returncode}"
             log = node.log_text()
+        await check_ledger(Path(tmp) / "ledger.sqlite3", results)
         results.tracebacks = log.count("Traceback")
         results.contained_failures = log.count("WebSocket connection failed")
     results.elapsed_s = time.perf_counter() - started
@@ -652,6 +703,7 @@ def report(results: Results) -> str:
         "errors by code       "
         + ", ".join(f"{k} {v:,}" for k, v in r.errors_by_code.most_common()),
         f"well-behaved session {r.final_session}",
+        f"ledger check         {r.ledger_check}",
         f"session keys after   {r.session_keys_after}",
         f"node RSS (KiB)       before {r.rss_kib_before.get('VmRSS')}, after "
         f"{r.rss_kib_after.get('VmRSS')}, peak {r.rss_kib_after.get('VmHWM')}",

@@ -66,6 +66,7 @@ from node.protocol.connection import (  # noqa: E402
 from node.protocol.errors import ProtocolError  # noqa: E402
 from node.protocol.messages import Connected, decode, encode, request_id_of  # noqa: E402
 from node.protocol.replay import InitReplayCache  # noqa: E402
+from node.protocol.storage import LEDGER, StorageHealth  # noqa: E402
 from node.server.app import NodeServer  # noqa: E402
 from node.server.context import NodeContext  # noqa: E402
 from node.server.driver import CONNECTED_TEXT, _wire_error  # noqa: E402
@@ -154,9 +155,15 @@ class NodeSide:
         clock: FakeClock,
         config: ProtocolConfig | None = None,
         seed: str = "node",
+        admission: Callable[[], None] | None = None,
     ) -> None:
         self.state = ConnectionState(
-            host_key=host, replay_cache=replay, clock=clock, config=config, rng=SeededRng(seed)
+            host_key=host,
+            replay_cache=replay,
+            clock=clock,
+            config=config,
+            rng=SeededRng(seed),
+            admission=admission,
         )
         self.started: StartRequest | None = None
         self.cancelled = False
@@ -726,10 +733,33 @@ def error_examples(host: HostKey, busy_answer: list[str]) -> str:
     add(
         "RATE_LIMITED",
         "The 11th `encrypted_session_init` on one connection within a second "
-        "(burst 10, refill 1 per second); also a full replay cache, or a full llama queue "
-        "(`--queue-limit`).",
+        "(burst 10, refill 1 per second); also more new sessions from one network or client "
+        "address than `--address-init-burst` allows, a full replay cache, or a full llama "
+        "queue (`--queue-limit`).",
         "(the 11th init)",
         answers,
+    )
+
+    storage = StorageHealth(on_ledger_failure="refuse")
+    storage.failed(LEDGER)
+    clock = FakeClock()
+    node = NodeSide(
+        host,
+        replay=InitReplayCache(window_s=900.0, clock=clock),
+        clock=clock,
+        seed="n-storage",
+        admission=storage.admit,
+    )
+    client = ClientSide(host.public_key, seed="c-storage")
+    sent = client.init_frame()
+    add(
+        "STORAGE_UNAVAILABLE",
+        "The node cannot write what it must record: its replay cache (an init cannot be "
+        "accepted unremembered), or its ledger while `--on-ledger-failure refuse` is set "
+        "(new sessions and requests are refused until a write succeeds). Not charged to "
+        "the error budget; the connection stays open.",
+        "(any init or request)",
+        node.receive(sent),
     )
 
     parts: list[str] = []

@@ -380,6 +380,8 @@ async def run(args: argparse.Namespace) -> Results:
             "info",  # the "listening on" line (with the port) is an info line
             "--max-connections",
             str(args.sessions + 100),
+            "--address-init-burst",  # every session comes from 127.0.0.1
+            "0",
             "--echo-delay-ms",
             str(args.echo_delay_ms),
             host_key_hex=key_hex,

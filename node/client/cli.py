@@ -42,6 +42,7 @@ from node.client.session import (
     random_client_key,
 )
 from node.crypto.curve import SECP256K1_N, address_of
+from node.textsafe import printable
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
@@ -213,7 +214,7 @@ def _stats_line(completion: Completion) -> str:
         parts.append(f"tokens {completion.tokens_used} completion")
     parts.append(f"finish {completion.finish_reason}")
     parts.append(f"{completion.elapsed_s:.3f} s")
-    return "[" + ", ".join(parts) + "]"
+    return printable("[" + ", ".join(parts) + "]")
 
 
 def _transcript(session: ClientSession, prompt: str, completion: Completion) -> dict[str, Any]:
@@ -315,7 +316,8 @@ async def chat_main(args: argparse.Namespace, client_key: PrivateKey) -> int:
 
 
 def _error_line(code: str, message: str) -> None:
-    _say(sys.stderr, f"error [{code}]: {message}\n")
+    # Both come from the node (or from a value it echoed): shown escaped, on one line.
+    _say(sys.stderr, f"error [{printable(code)}]: {printable(message)}\n")
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ class ErrorCode(enum.StrEnum):
     TOKEN_LIMIT_EXCEEDED = "TOKEN_LIMIT_EXCEEDED"  # noqa: S105 (a wire code, not a secret)
     INFERENCE_FAILED = "INFERENCE_FAILED"
     RATE_LIMITED = "RATE_LIMITED"
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
@@ -104,6 +105,14 @@ class InvalidPayload(CryptoError):
 
 class MissingPayload(CryptoError):
     code = ErrorCode.MISSING_PAYLOAD
+
+
+class StorageUnavailable(NodeError):
+    """The node cannot write what it must record (the init replay cache, or the usage
+    ledger under ``--on-ledger-failure refuse``): disk full, file removed, I/O error.
+    The message names the store, never a path or the database's own text."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
 
 
 class HostKeyError(NodeError):

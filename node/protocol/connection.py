@@ -46,6 +46,7 @@ from node.protocol.messages import (
     encode,
     encrypted_chunk_text,
 )
+from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.replay import ReplayCache
 from node.protocol.requests import InferenceRequest, parse_request_plaintext
 
@@ -66,7 +67,9 @@ MAX_HELD_FRAMES: Final = 16
 # ... and they wait at most this long: then each gets REQUEST_IN_PROGRESS.
 HOLD_TIMEOUT_S: Final = 10.0
 # Errors caused by the node itself do not count against the client's error budget.
-_NODE_SIDE_CODES: Final = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR})
+_NODE_SIDE_CODES: Final = frozenset(
+    {ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR, ErrorCode.STORAGE_UNAVAILABLE}
+)
 
 
 @attrs.define
@@ -74,7 +77,7 @@ class ProtocolConfig:
     require_encryption: bool = False
     session_ttl_s: float = 24 * 3600.0
     max_errors: int = 10
-    init_burst: int = 10  # encrypted inits a connection may send at once ...
+    init_burst: int = 10  # session inits (either mode) a connection may send at once ...
     init_refill_per_s: float = 1.0  # ... and how fast that allowance comes back
     allowed_clients: frozenset[str] | None = None  # lowercase addresses; None = anyone
     max_sessions: int = 64  # sessions one connection may hold at once
@@ -193,8 +196,18 @@ class ConnectionState:
         clock: Callable[[], float],
         config: ProtocolConfig | None = None,
         rng: Callable[[int], bytes] = os.urandom,
+        address_limiter: AddressRateLimiter | None = None,
+        remote_address: str | None = None,
+        admission: Callable[[], None] | None = None,
     ) -> None:
+        """``address_limiter`` (node-wide) bounds new sessions per ``remote_address``
+        and per client address across connections; ``admission`` raises a
+        :class:`NodeError` when the node must refuse new sessions and requests (its
+        ledger is failing under ``--on-ledger-failure refuse``)."""
         self.host_key = host_key
+        self.address_limiter = address_limiter
+        self.remote_address = remote_address
+        self._admission = admission
         self.replay_cache = replay_cache
         self.config = config or ProtocolConfig()
         self._clock = clock
@@ -362,12 +375,34 @@ class ConnectionState:
             )
         self._init_allowance -= 1.0
 
+    def _take_address_allowance(self, kind: str, address: str | None) -> None:
+        """One new session for this network or client address, node-wide."""
+        limiter = self.address_limiter
+        if limiter is None or address is None:
+            return
+        if not limiter.take(f"{kind}:{address}"):
+            what = "your network address" if kind == "ip" else f"client {address}"
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, f"too many new sessions from {what}; slow down"
+            )
+
+    def _admit(self) -> None:
+        if self._admission is not None:
+            self._admission()
+
+    def _take_new_session(self) -> None:
+        """The allowances a new plaintext session (or re-init) uses up."""
+        self._take_init_allowance()
+        self._take_address_allowance("ip", self.remote_address)
+
     def _on_encrypted_init(self, message: EncryptedSessionInit) -> list[Action]:
         if self.host_key is None:
             raise ProtocolError(
                 ErrorCode.ENCRYPTION_NOT_SUPPORTED, "this node has no host key; use plaintext mode"
             )
+        self._admit()
         self._take_init_allowance()
+        self._take_address_allowance("ip", self.remote_address)
         self._check_session_room(message.session_id)
         payload = message.payload
         data = open_session_init(self.host_key, payload)
@@ -378,6 +413,7 @@ class ConnectionState:
                     ErrorCode.SESSION_AUTH_DENIED,
                     f"client {data.client_address} is not allowed on this node",
                 )
+            self._take_address_allowance("client", data.client_address.lower())
             if not self.replay_cache.has_room():
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
@@ -478,6 +514,7 @@ class ConnectionState:
                 ErrorCode.ENCRYPTION_NOT_SUPPORTED, "this node has no host key; use plaintext mode"
             )
         session = self._session_for_message(message.session_id)
+        self._admit()
         if self._clock() - session.created_at >= self.config.session_ttl_s:
             self.sessions.pop(session.session_id, None)
             session.wipe()
@@ -539,7 +576,9 @@ class ConnectionState:
 
     def _on_plaintext_init(self, message: SessionInit) -> list[Action]:
         actions = self._plaintext_allowed()
+        self._admit()
         self._check_session_room(message.session_id)
+        self._take_new_session()
         old = self.sessions.pop(message.session_id, None)
         if old is not None and old.job_id != message.job_id:
             actions.append(SessionEnded(old, "reinit"))
@@ -570,10 +609,12 @@ class ConnectionState:
 
     def _on_prompt(self, message: PromptRequest) -> list[Action]:
         actions = self._plaintext_allowed()
+        self._admit()
         session = self.sessions.get(message.session_id) if message.session_id else None
         if session is None and message.session_id:
             # An old client that never sent session_init: the prompt opens the session.
             self._check_session_room(message.session_id)
+            self._take_new_session()
             session = Session(
                 session_id=message.session_id,
                 job_id=None,
@@ -585,6 +626,7 @@ class ConnectionState:
             actions.append(SessionStarted(session))
         if session is None:
             if self._anonymous is None:
+                self._take_new_session()
                 self._anonymous = Session(
                     session_id="",
                     job_id=None,
@@ -674,15 +716,26 @@ class ConnectionState:
         )
 
     def finish(
-        self, finish_reason: str, *, prompt_tokens: int, completion_tokens: int | None = None
+        self,
+        finish_reason: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int | None = None,
+        hold: bool = False,
     ) -> list[OutboundMessage]:
-        """The closing frames of the active request (PROTOCOL.md section 4)."""
+        """The closing frames of the active request (PROTOCOL.md section 4).
+
+        With ``hold`` the request stays the active one (a new request is still refused
+        with ``REQUEST_IN_PROGRESS``) until :meth:`release`: for a driver that sends the
+        last of these frames later (``stream_end`` after the usage is recorded).
+        """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish reason {finish_reason!r}")
         active = self.active
         if active is None:
             raise RuntimeError("no request is streaming")
-        self.active = None
+        if not hold:
+            self.active = None
         completion = active.completion_tokens if completion_tokens is None else completion_tokens
         session = active.session
         frames: list[OutboundMessage] = []
@@ -709,6 +762,11 @@ class ConnectionState:
             )
         )
         return frames
+
+    def release(self) -> None:
+        """End a request held by ``finish(..., hold=True)``: the connection takes requests
+        again."""
+        self.active = None
 
     def fail(
         self, error: NodeError, *, prompt_tokens: int = 0, completion_tokens: int | None = None

@@ -12,7 +12,8 @@ from trio_websocket import wrap_server_stream
 
 from node import PROTOCOL_VERSION, __version__
 from node.crypto.encoding import decode_hex, loads_bounded
-from node.crypto.errors import InvalidHexEncoding
+from node.crypto.errors import InvalidHexEncoding, NodeError
+from node.protocol.storage import LEDGER, REPLAY_CACHE
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
 from node.server.driver_v2 import ConnectionDriverV2
@@ -44,11 +45,15 @@ def build_router(ctx: NodeContext) -> Router:
     async def health(_: HttpRequest) -> HttpResponse:
         # Liveness: answers at once, also while the model loads (then "ready" is false).
         ready = False if ctx.backend_loading else await ctx.backend.ready()
+        storage = ctx.storage
+        status = "starting" if not ready else "degraded" if storage.degraded else "ok"
         return HttpResponse.json(
             200,
             {
-                "status": "ok" if ready else "starting",
+                "status": status,
                 "ready": ready,
+                "ledger": storage.state(LEDGER),
+                "replay_cache": storage.state(REPLAY_CACHE),
                 "backend": ctx.backend.name,
                 "encryption": ctx.host_key is not None,
                 "connections": len(ctx.drivers),
@@ -126,6 +131,10 @@ def build_router(ctx: NodeContext) -> Router:
             ctx.backend_loaded = await ctx.backend.ready()
             if not ctx.backend_loaded:
                 return HttpResponse.json(503, {"ready": False, "status": "backend_not_ready"})
+        try:
+            ctx.storage.admit()  # --on-ledger-failure refuse with a failing ledger
+        except NodeError:
+            return HttpResponse.json(503, {"ready": False, "status": "storage_unavailable"})
         return HttpResponse.json(200, {"ready": True, "status": "ok"})
 
     async def ws_without_upgrade(request: HttpRequest) -> HttpResponse:
@@ -173,6 +182,7 @@ class NodeServer:
         self._pending_upgrades = 0
         self._trusted = parse_trusted_proxies(",".join(ctx.config.trusted_proxies))
         ctx.metrics.live_states = ctx.live_states
+        ctx.metrics.storage = ctx.storage
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection; whatever goes wrong stays inside it."""
@@ -264,11 +274,10 @@ class NodeServer:
                     self._pending_upgrades -= 1
                 if ws is not None:
                     driver: ConnectionDriver | ConnectionDriverV2 = (
-                        ConnectionDriverV2(ctx, ws, connection_id)
+                        ConnectionDriverV2(ctx, ws, connection_id, remote)
                         if protocol == "v2"
-                        else ConnectionDriver(ctx, ws, connection_id)
+                        else ConnectionDriver(ctx, ws, connection_id, remote)
                     )
-                    driver.remote = remote
                     await driver.run()
                 nursery.cancel_scope.cancel()
         except Exception as exc:

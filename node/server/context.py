@@ -12,7 +12,9 @@ from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend, GenerationResult
 from node.protocol.connection import ProtocolConfig, Session
+from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.replay import ReplayCache
+from node.protocol.storage import StorageHealth
 from node.server.ephemeral import EphemeralKeys
 from node.server.metrics import NodeMetrics
 
@@ -65,6 +67,20 @@ class NodeContext:
     backend_loaded: bool = False  # the backend said ready once (then /ready is 200)
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
+    storage: StorageHealth = attrs.field(
+        default=attrs.Factory(
+            lambda self: StorageHealth(on_ledger_failure=self.config.on_ledger_failure),
+            takes_self=True,
+        )
+    )
+    address_limiter: AddressRateLimiter | None = None
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        if self.address_limiter is None and c.address_init_burst > 0:
+            self.address_limiter = AddressRateLimiter(
+                burst=c.address_init_burst, refill_per_s=c.address_init_rate, clock=self.clock
+            )
 
     def protocols(self) -> tuple[str, ...]:
         """The WebSocket protocols served: ``--protocols``, less v2 on a node without a

@@ -65,9 +65,16 @@ class ConnectionDriverV2(StreamingDriver):
 
     protocol = "v2"
 
-    def __init__(self, ctx: NodeContext, ws: WebSocketConnection, connection_id: int) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        ws: WebSocketConnection,
+        connection_id: int,
+        remote: str | None = None,
+    ) -> None:
         super().__init__(ctx, ws, connection_id, V2_TEXT_BUDGET)
         assert ctx.host_key is not None, "protocol v2 needs the host key"
+        self.remote = remote  # the client's IP address (see node.server.remote)
         self.state = ServerConnectionV2(
             host_key=ctx.host_key,
             clock=ctx.clock,
@@ -75,6 +82,9 @@ class ConnectionDriverV2(StreamingDriver):
                 allowed_clients=ctx.config.allowed_clients, max_errors=ctx.config.max_errors
             ),
             rng=os.urandom if ctx.rng is None else ctx.rng,
+            address_limiter=ctx.address_limiter,
+            remote_address=remote,
+            admission=ctx.storage.admit,
             # a pooled key (used by this connection only, wiped by it), else made inline
             ephemeral=None if ctx.ephemeral_keys is None else ctx.ephemeral_keys.take(),
         )

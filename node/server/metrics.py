@@ -36,6 +36,8 @@ from prometheus_client import Histogram as PromHistogram
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from node.protocol.storage import STORES, StorageHealth
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PROTOCOLS = ("v1", "v2")
 INIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
@@ -136,7 +138,26 @@ class NodeMetrics:
         self.worker_restarts = 0
         # Per open connection: (protocol, keys, key bytes, encrypted, plaintext sessions).
         self.live_states: Callable[[], Iterable[tuple[str, int, int, int, int]]] = lambda: ()
+        # The node's files (node.protocol.storage): failures counted, state now.
+        self.storage: StorageHealth | None = None
 
+        self._storage_failures = PromCounter(
+            "llm_node_storage_failures_total",
+            "Failed writes (or reads) of the node's files, by store (ledger, replay_cache).",
+            ["store"],
+            registry=reg,
+        )
+        self._storage_failing = PromGauge(
+            "llm_node_storage_failing",
+            "1 while a store's last write failed (until one succeeds), by store.",
+            ["store"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self._storage_published: Counter[str] = Counter()
+        for store in STORES:
+            self._storage_failures.labels(store)
+            self._storage_failing.labels(store).set(0)
         self._connections_open = PromGauge(
             "llm_node_connections_open",
             "Open WebSocket connections.",
@@ -231,6 +252,14 @@ class NodeMetrics:
         for protocol in sorted(open_by):
             self._protocol_open.labels(protocol).set(open_by[protocol])
             self._protocol_keys.labels(protocol).set(keys_by[protocol])
+        storage = self.storage
+        if storage is not None:
+            for store in STORES:
+                count = storage.failures[store]
+                if count != self._storage_published[store]:
+                    self._storage_failures.labels(store).inc(count - self._storage_published[store])
+                    self._storage_published[store] = count
+                self._storage_failing.labels(store).set(int(storage.failing(store)))
 
     # -- export ----------------------------------------------------------------------
 

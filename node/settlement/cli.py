@@ -2,12 +2,15 @@
 
 ``node/cli.py`` calls :func:`add_receipts_command` with its sub-parsers; each
 sub-subcommand sets ``func`` (taking the parsed namespace, returning the exit status),
-as the other commands do. Exit status: 0 success, 1 ``verify`` found a bad receipt,
-2 the ledger could not be opened or the arguments are wrong.
+as the other commands do. Exit status: 0 success, 1 ``verify`` found a bad receipt, a
+broken chain or (with ``--require-receipts``) no receipt at all, 2 the ledger could not
+be opened, is not a ledger, or the arguments are wrong.
 
-The CLI reads the ledger with the synchronous store and ``recover=False`` semantics: it
-never writes receipts, so it is safe to run beside a live node (WAL allows a reader
-next to the writer).
+The CLI opens the ledger read-only (SQLite ``mode=ro``): it never writes, creates no
+schema and leaves the journal mode alone, so it is safe to run beside a live node (WAL
+allows a reader next to the writer) and harmless on a wrong path. Every value shown in a
+table or a verdict line goes through :func:`~node.textsafe.printable`: model names and
+session ids are client-chosen, and must not reach the terminal raw.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from node.settlement.errors import LedgerError
-from node.settlement.ledger import LedgerStore, StoredReceipt, default_ledger_path
+from node.settlement.ledger import ChainAudit, LedgerStore, StoredReceipt, default_ledger_path
 from node.settlement.receipt import VerificationStatus
+from node.textsafe import printable
 
 _ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 def _open(args: argparse.Namespace) -> LedgerStore:
     path = Path(args.ledger) if args.ledger is not None else default_ledger_path()
-    return LedgerStore.open(path, create=False)
+    return LedgerStore.open_readonly(path)
 
 
 def _signed_object(stored: StoredReceipt) -> dict[str, Any]:
@@ -70,7 +74,7 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
         c = s.columns
         table.append(
             tuple(
-                str(v)
+                printable(str(v))
                 for v in (
                     s.sequence,
                     c["ended_at"],
@@ -131,24 +135,51 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         return 2
     counts = dict.fromkeys(VerificationStatus, 0)
     failed = False
+
+    def say(line: str) -> None:
+        out.write(printable(line) + "\n")
+
     with _open(args) as store:
+        audit = ChainAudit(store.epochs())
         for stored in store.iter_receipts():
+            for problem in audit.feed(stored):
+                say(f"chain: BROKEN: {problem}")
             verdict = stored.verify(host_address=pin)
             counts[verdict.status] += 1
             if verdict.status is VerificationStatus.INVALID:
                 failed = True
-                out.write(f"receipt {stored.sequence}: INVALID: {verdict.reason}\n")
+                say(f"receipt {stored.sequence}: INVALID: {verdict.reason}")
             elif verdict.status is VerificationStatus.UNSIGNED:
                 failed = failed or args.require_signed
-                out.write(f"receipt {stored.sequence}: unsigned: {verdict.reason}\n")
+                say(f"receipt {stored.sequence}: unsigned: {verdict.reason}")
             else:
-                out.write(f"receipt {stored.sequence}: valid: {verdict.reason}\n")
+                say(f"receipt {stored.sequence}: valid: {verdict.reason}")
+        for problem in audit.finish():
+            say(f"chain: BROKEN: {problem}")
+        open_sessions = store.sessions_without_receipt()
+    if open_sessions:
+        say(
+            f"note: {open_sessions} session(s) have requests but no receipt yet (open in a "
+            "running node, or left by a crash: the next start writes their receipts)"
+        )
+    if audit.problems:
+        failed = True
+        say(f"chain: BROKEN ({audit.problems} problem(s)); {audit.head()}")
+    else:
+        say(f"chain: intact; {audit.head()}")
     total = sum(counts.values())
-    out.write(
+    say(
         f"{total} receipt(s): {counts[VerificationStatus.VALID]} valid, "
         f"{counts[VerificationStatus.UNSIGNED]} unsigned, "
-        f"{counts[VerificationStatus.INVALID]} invalid\n"
+        f"{counts[VerificationStatus.INVALID]} invalid"
     )
+    if total == 0 and args.require_receipts:
+        print(
+            f"error: the ledger {store.path} holds no receipts (--require-receipts); "
+            "is this the right file?",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if failed else 0
 
 
@@ -216,6 +247,11 @@ def add_receipts_command(
         "--require-signed",
         action="store_true",
         help="treat unsigned receipts (from a node without a host key) as failures",
+    )
+    p.add_argument(
+        "--require-receipts",
+        action="store_true",
+        help="fail (exit 1) when the ledger holds no receipt at all, e.g. to check a backup",
     )
     p.set_defaults(func=_runner(_cmd_verify))
 

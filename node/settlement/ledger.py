@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,11 +49,12 @@ from node.settlement.receipt import (
     Verification,
     VerificationStatus,
     parse_decimal,
+    receipt_hash,
     sign_receipt,
     signature_from_hex,
     verify_receipt,
 )
-from node.settlement.schema import migrate
+from node.settlement.schema import LATEST_VERSION, LEDGER_TABLES, migrate, schema_version
 from node.settlement.usage import (
     MAX_TOKENS,
     EndReason,
@@ -139,7 +142,11 @@ class StoredReceipt:
                 started_at=c["started_at"],
                 ended_at=c["ended_at"],
                 end_reason=c["end_reason"],
-                protocol=c["protocol"],
+                # Columns a ledger from before schema steps 3 and 4 (read, not
+                # migrated) does not have: their values for the receipts it holds.
+                protocol=c.get("protocol") or "v1",
+                ledger_epoch=c.get("ledger_epoch"),
+                prev_hash=c.get("prev_hash"),
             )
         except (TypeError, ValueError) as exc:
             raise ReceiptError(f"receipt row {self.sequence}: {exc}") from None
@@ -184,6 +191,127 @@ class StoredReceipt:
         return verdict
 
 
+@attrs.frozen
+class EpochRow:
+    """One node start: the epoch it signed under and the tail it found."""
+
+    epoch: str
+    started_at: str
+    after_sequence: int
+    after_hash: str | None
+
+
+class ChainAudit:
+    """Checks the receipts of a ledger as a whole (``receipts verify``).
+
+    Feed every stored receipt in sequence order to :meth:`feed`, then call
+    :meth:`finish`. Each returns the problems found, as text. Found: a gap in the
+    sequence numbers (receipts removed), a ``prev_hash`` that is not the hash of the
+    previous receipt (removed, altered or re-ordered history), a version 1 receipt after
+    chained ones, a receipt signed under an epoch this ledger never started or outside
+    the span of its epoch (an epoch runs from the receipt it started after to the one the
+    next epoch started after: a receipt from another copy of the ledger, as after a
+    restore), and a tail shorter than the one a later node start recorded (receipts
+    removed at the end). Version 1 receipts before the first chained one are checked for
+    gaps only: the chain starts at the first version 2 receipt, which links to its
+    predecessor whatever that one's version.
+    """
+
+    def __init__(self, epochs: list[EpochRow] | None = None) -> None:
+        self.expected = 1
+        self.count = 0
+        self.chained = False
+        self.problems = 0
+        self.last: StoredReceipt | None = None
+        self.epochs = list(epochs or [])
+        # epoch -> (after_sequence, the after_sequence of the next start or None)
+        self._spans: dict[str, tuple[int, int | None]] = {
+            row.epoch: (
+                row.after_sequence,
+                self.epochs[i + 1].after_sequence if i + 1 < len(self.epochs) else None,
+            )
+            for i, row in enumerate(self.epochs)
+        }
+
+    def _epoch_problem(self, seq: int, epoch: object) -> str | None:
+        if not self._spans:
+            return None  # a ledger without the epochs table (read, not migrated)
+        span = self._spans.get(epoch) if isinstance(epoch, str) else None
+        if span is None:
+            return f"receipt {seq} is signed under epoch {epoch}, which this ledger never started"
+        after, until = span
+        if seq <= after or (until is not None and seq > until):
+            end = "" if until is None else f" and ended after receipt {until}"
+            return (
+                f"receipt {seq} is signed under epoch {epoch}, which started after receipt "
+                f"{after}{end} (a receipt from another copy of the ledger)"
+            )
+        return None
+
+    def feed(self, stored: StoredReceipt) -> list[str]:
+        out: list[str] = []
+        seq = stored.sequence
+        if seq != self.expected:
+            missing = (
+                f"receipt {self.expected} is"
+                if seq == self.expected + 1
+                else f"receipts {self.expected} to {seq - 1} are"
+            )
+            out.append(f"{missing} missing (a gap in the sequence numbers)")
+        prev = self.last
+        version = stored.columns.get("version")
+        prev_hash = stored.columns.get("prev_hash")
+        if version == 1:
+            if self.chained:
+                out.append(f"receipt {seq} is a version 1 receipt after chained ones")
+        else:
+            self.chained = True
+            problem = self._epoch_problem(seq, stored.columns.get("ledger_epoch"))
+            if problem is not None:
+                out.append(problem)
+            if seq == 1:
+                if prev_hash is not None:
+                    out.append("receipt 1 names a predecessor (prev_hash is not null)")
+            elif prev_hash is None:
+                out.append(f"receipt {seq} does not link to receipt {seq - 1} (no prev_hash)")
+            elif (
+                prev is not None
+                and prev.sequence == seq - 1
+                and prev_hash != receipt_hash(prev.canonical_json)
+            ):
+                out.append(
+                    f"receipt {seq}: prev_hash is not the hash of receipt {seq - 1} "
+                    "(the history before it was changed)"
+                )
+        self.expected = seq + 1
+        self.count += 1
+        self.last = stored
+        self.problems += len(out)
+        return out
+
+    def finish(self) -> list[str]:
+        out: list[str] = []
+        last = self.last.sequence if self.last is not None else 0
+        for row in self.epochs:
+            if row.after_sequence > last:
+                out.append(
+                    f"the ledger ends at receipt {last}, but epoch {row.epoch} started "
+                    f"after receipt {row.after_sequence} (receipts removed at the end)"
+                )
+        self.problems += len(out)
+        return out
+
+    def head(self) -> str:
+        """The ledger's head, for an auditor to note down and compare later."""
+        last = self.last
+        if last is None:
+            return "empty"
+        epoch = last.columns.get("ledger_epoch") or "none (version 1)"
+        return (
+            f"head receipt {last.sequence}, epoch {epoch}, hash {receipt_hash(last.canonical_json)}"
+        )
+
+
 def _sqlite_message(exc: sqlite3.Error) -> str:
     text = str(exc) or type(exc).__name__
     if "unable to open database file" in text:
@@ -194,9 +322,19 @@ def _sqlite_message(exc: sqlite3.Error) -> str:
 class LedgerStore:
     """Synchronous ledger over one SQLite connection (thread-safe by a lock)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        epoch: str | None = None,
+        read_only: bool = False,
+    ) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._path = path
+        #: The epoch this process signs its receipts under (None: read-only).
+        self.epoch = epoch
+        self.read_only = read_only
         # Re-entrant: a batch holds it while each write in the batch takes it again.
         self._lock = threading.RLock()
 
@@ -213,16 +351,21 @@ class LedgerStore:
         *,
         create: bool = True,
         wall_clock: Callable[[], float] = time.time,
+        new_epoch: bool = True,
     ) -> LedgerStore:
         """Open (creating when ``create``) and migrate the ledger at ``path``.
 
         ``create=True`` is the node's mode: it also proves the file writable by
-        writing ``last_opened_at``. ``create=False`` (the CLI) refuses a missing file.
+        writing ``last_opened_at``, and starts a new ledger epoch (``new_epoch``; a
+        worker process passes False and signs under the epoch its parent started).
+        ``create=False`` opens read-only, as :meth:`open_readonly`.
 
         Every problem with the path raises :class:`LedgerError` here, before the node
         serves anyone: missing directory that cannot be created, read-only directory or
         file, a directory where the file should be, a file that is not SQLite.
         """
+        if not create:
+            return cls.open_readonly(path)
         target = Path(path).expanduser()
         if target.is_dir():
             raise LedgerError(
@@ -230,8 +373,6 @@ class LedgerStore:
                 f"{target / LEDGER_FILENAME}"
             )
         if not target.exists():
-            if not create:
-                raise LedgerError(f"no ledger at {target}")
             parent = target.parent
             try:
                 parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -265,19 +406,20 @@ class LedgerStore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             migrate(conn)
-            if create:
-                # A real write at start-up, so that a read-only file fails here and not
-                # in the middle of the first session.
-                now = format_timestamp(wall_clock())
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)", (now,)
-                )
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_opened_at', ?)",
-                    (now,),
-                )
-                conn.execute("COMMIT")
+            # A real write at start-up, so that a read-only file fails here and not
+            # in the middle of the first session.
+            now = format_timestamp(wall_clock())
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)", (now,))
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_opened_at', ?)",
+                (now,),
+            )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            epoch = None if row is None else str(row[0])
+            if new_epoch or epoch is None:
+                epoch = cls._start_epoch(conn, now)
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
@@ -286,7 +428,69 @@ class LedgerStore:
             if conn is not None:
                 conn.close()
             raise
-        return cls(conn, target)
+        return cls(conn, target, epoch=epoch)
+
+    @staticmethod
+    def _start_epoch(conn: sqlite3.Connection, now: str) -> str:
+        """A new random epoch, recorded with the tail it starts after."""
+        epoch = secrets.token_hex(16)
+        tail = conn.execute(
+            "SELECT sequence, canonical_json FROM receipts ORDER BY sequence DESC LIMIT 1"
+        ).fetchone()
+        after, after_hash = (0, None) if tail is None else (int(tail[0]), receipt_hash(tail[1]))
+        conn.execute(
+            "INSERT INTO epochs (epoch, started_at, after_sequence, after_hash) "
+            "VALUES (?, ?, ?, ?)",
+            (epoch, now, after, after_hash),
+        )
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        return epoch
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> LedgerStore:
+        """Open an existing ledger for reading only (the ``receipts`` commands).
+
+        Nothing is written: the file is opened with SQLite's ``mode=ro`` (no schema is
+        created, no migration runs, the journal mode is left as it is). A missing file,
+        a directory, a file that is not SQLite, and an SQLite file without the ledger's
+        tables all raise :class:`LedgerError` naming the path.
+        """
+        target = Path(path).expanduser()
+        if target.is_dir():
+            raise LedgerError(f"ledger path {target} is a directory, not a ledger file")
+        if not target.exists():
+            raise LedgerError(f"no ledger at {target}")
+        uri = "file:" + urllib.parse.quote(str(target.absolute())) + "?mode=ro"
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            version = schema_version(conn)
+            tables = {
+                str(name)
+                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            text = _sqlite_message(exc)
+            if "not a database" in text:
+                raise LedgerError(f"{target} is not an llm-node ledger ({text})") from None
+            raise LedgerError(f"cannot read the ledger {target}: {text}") from None
+        if version < 1 or not tables >= LEDGER_TABLES:
+            conn.close()
+            raise LedgerError(
+                f"{target} is not an llm-node ledger (an SQLite file without the ledger's "
+                "tables); check the path (--ledger, LLM_NODE_DATA_DIR)"
+            )
+        if version > LATEST_VERSION:
+            conn.close()
+            raise LedgerError(
+                f"ledger schema version {version} is newer than this llm-node understands "
+                f"({LATEST_VERSION}); upgrade llm-node"
+            )
+        return cls(conn, target, read_only=True)
 
     def close(self) -> None:
         with self._lock:
@@ -446,7 +650,12 @@ class LedgerStore:
         host_key: HostKey | None,
     ) -> SignedReceipt:
         totals = self._totals(conn, uid)
-        (sequence,) = conn.execute("SELECT COALESCE(MAX(sequence), 0) + 1 FROM receipts").fetchone()
+        if self.epoch is None:
+            raise LedgerError(f"ledger {self._path} is open read-only")
+        tail = conn.execute(
+            "SELECT sequence, canonical_json FROM receipts ORDER BY sequence DESC LIMIT 1"
+        ).fetchone()
+        sequence, prev_hash = (1, None) if tail is None else (tail[0] + 1, receipt_hash(tail[1]))
         receipt = Receipt(
             sequence=int(sequence),
             session_id=identity.session_id,
@@ -464,6 +673,8 @@ class LedgerStore:
             ended_at=ended_at,
             end_reason=end_reason,
             protocol=identity.protocol,
+            ledger_epoch=self.epoch,
+            prev_hash=prev_hash,
         )
         signed = sign_receipt(receipt, host_key)
         conn.execute(
@@ -471,8 +682,8 @@ class LedgerStore:
             "chain_id, client_address, host_address, model, prompt_tokens, "
             "completion_tokens, total_tokens, request_count, price_per_token, amount, "
             "encrypted, started_at, ended_at, end_reason, canonical_json, signature, signed, "
-            "protocol) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?)",
+            "protocol, ledger_epoch, prev_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 receipt.sequence,
                 uid,
@@ -497,6 +708,8 @@ class LedgerStore:
                 signed.signature_hex,
                 int(signed.signed),
                 receipt.protocol,
+                receipt.ledger_epoch,
+                receipt.prev_hash,
             ),
         )
         return signed
@@ -578,6 +791,13 @@ class LedgerStore:
                     )
                 )
         return out
+
+    def probe(self, at: str) -> None:
+        """A minimal committed write (``meta.last_probe_at``): can the ledger take writes?"""
+        with self._locked("write a probe") as conn, self._transaction(conn):
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_probe_at', ?)", (at,)
+            )
 
     def record_submission(
         self,
@@ -687,6 +907,28 @@ class LedgerStore:
             rows = self._select(conn, "SELECT * FROM submissions WHERE sequence = ?", (sequence,))
             return dict(zip(rows[0].keys(), tuple(rows[0]), strict=True)) if rows else None
 
+    def epochs(self) -> list[EpochRow]:
+        """Every node start recorded in the ledger (none in ledgers before the chain)."""
+        with self._locked("read the epochs") as conn:
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'epochs'"
+            ).fetchone():
+                return []
+            rows = conn.execute(
+                "SELECT epoch, started_at, after_sequence, after_hash FROM epochs ORDER BY rowid"
+            ).fetchall()
+        return [EpochRow(str(e), str(t), int(n), h) for e, t, n, h in rows]
+
+    def sessions_without_receipt(self) -> int:
+        """Sessions with recorded requests but no receipt: open in a running node, left
+        by a crash (the next start writes their receipts), or their receipts removed."""
+        with self._locked("count open sessions") as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM sessions s LEFT JOIN receipts r "
+                "ON r.session_uid = s.session_uid WHERE r.sequence IS NULL"
+            ).fetchone()
+        return int(count)
+
     def pragma(self, name: str) -> Any:
         if not name.isidentifier():
             raise ValueError("not a pragma name")
@@ -765,11 +1007,14 @@ class Ledger:
 
         ``host_key`` signs receipts (``None``: plaintext-only node, unsigned receipts).
         ``recover`` writes receipts for sessions a previous process left open (listed in
-        :attr:`recovered`). ``offload=False`` runs writes on the event loop thread instead
-        of a worker thread: for tests that use Trio's autojumping ``MockClock``, whose
-        clock would otherwise jump while the loop waits for the worker.
+        :attr:`recovered`) and starts a new ledger epoch. ``offload=False`` runs writes on
+        the event loop thread instead of a worker thread: for tests that use Trio's
+        autojumping ``MockClock``, whose clock would otherwise jump while the loop waits
+        for the worker.
         """
-        store = LedgerStore.open(path, wall_clock=wall_clock)
+        # The process that recovers is the one that starts the node: it begins a new
+        # epoch; workers (recover=False) sign under that same epoch.
+        store = LedgerStore.open(path, wall_clock=wall_clock, new_epoch=recover)
         ledger = cls(store, host_key=host_key, wall_clock=wall_clock, offload=offload)
         if recover:
             try:
@@ -912,6 +1157,11 @@ class Ledger:
             return signed
 
         return await self._run(write)
+
+    async def probe(self) -> None:
+        """Commit one tiny write; raises :class:`LedgerError` when the ledger refuses it."""
+        at = format_timestamp(self._wall_clock())
+        await self._run(lambda: self.store.probe(at))
 
     async def pending_submissions(self, *, limit: int = 100) -> list[SignedReceipt]:
         return await self._run(lambda: self.store.pending_submissions(limit=limit))

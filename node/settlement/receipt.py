@@ -1,7 +1,7 @@
 """Usage receipts: one per ended session, canonical JSON, signed by the host key.
 
-Format (receipt version 1). The signed message is the canonical JSON text of the receipt
-object::
+Format (receipt version 2; version 1 below). The signed message is the canonical JSON
+text of the receipt object::
 
     json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -14,7 +14,8 @@ Any Ethereum tool verifies it, e.g. with eth-account::
 
 Fields of the receipt object:
 
-- ``type``: ``"llm-node.usage-receipt"``; ``version``: 1.
+- ``type``: ``"llm-node.usage-receipt"``; ``version``: 2 (1 for receipts written
+  before the hash chain).
 - ``sequence``: the ledger's receipt number, 1, 2, 3, ... without gaps.
 - ``session_id`` (string), ``job_id`` (decimal string or null), ``chain_id`` (int).
 - ``client_address``: EIP-55 address of the client (null for plaintext sessions).
@@ -30,6 +31,18 @@ Fields of the receipt object:
 - ``protocol``: ``"v2"`` for a session over protocol v2 (``/v2/ws``). Absent for protocol
   v1, so that v1 receipts keep exactly the fields and bytes they always had.
 
+Version 2 (written since the ledger became a hash chain) adds two fields; version 1
+receipts (without them) stay valid and verify as before:
+
+- ``ledger_epoch``: 32 hex digits, random, chosen each time a node process opens the
+  ledger to write to it (a node start). ``(ledger_epoch, sequence)`` names one receipt;
+  a restore from a backup always starts a new epoch, so a re-issued sequence number shows
+  up as one number under two epochs.
+- ``prev_hash``: SHA-256 (64 lowercase hex digits) of the canonical JSON text of the
+  receipt with the previous sequence number (of any version), or null for the ledger's
+  first receipt. Each receipt thus signs the whole history before it: a receipt removed
+  or altered breaks the link of the one after it.
+
 Export form (``llm-node receipts export --json``, one element per receipt)::
 
     {"receipt": {...the object above...}, "signature": "<130 hex>" | null, "signed": bool}
@@ -38,6 +51,7 @@ Export form (``llm-node receipts export --json``, one element per receipt)::
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -54,12 +68,16 @@ from node.settlement.errors import ReceiptError
 from node.settlement.usage import MAX_TOKENS, MAX_UINT256, PROTOCOLS, check_text, check_uint
 
 RECEIPT_TYPE = "llm-node.usage-receipt"
-RECEIPT_VERSION = 1
+RECEIPT_VERSION = 2
+#: The receipt versions this code reads (1: before the hash chain).
+RECEIPT_VERSIONS = (1, 2)
 _DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,99}")
 #: An amount is tokens (< 2**63) times a uint256 price, so it may exceed uint256.
 MAX_AMOUNT = 2**320
 _ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
-_FIELDS = frozenset(
+_EPOCH_RE = re.compile(r"[0-9a-f]{32}")
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+_FIELDS_V1 = frozenset(
     {
         "type",
         "version",
@@ -82,8 +100,15 @@ _FIELDS = frozenset(
         "end_reason",
     }
 )
-#: Written only when not "v1" (a v1 receipt has exactly ``_FIELDS``).
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"ledger_epoch", "prev_hash"}}
+#: Written only when not "v1" (a receipt of a protocol v1 session leaves it out).
 _PROTOCOL_FIELD = "protocol"
+
+
+def receipt_hash(canonical: str) -> str:
+    """SHA-256 of a receipt's canonical JSON text, as 64 lowercase hex digits: what the
+    next receipt carries as ``prev_hash``."""
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
@@ -135,6 +160,8 @@ class Receipt:
     end_reason: str
     protocol: str = "v1"
     version: int = RECEIPT_VERSION
+    ledger_epoch: str | None = None
+    prev_hash: str | None = None
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -159,8 +186,18 @@ class Receipt:
             raise ReceiptError("receipt field encrypted must be a bool")
         if self.protocol not in PROTOCOLS:
             raise ReceiptError(f"receipt field protocol must be one of {', '.join(PROTOCOLS)}")
-        if self.version != RECEIPT_VERSION:
+        if self.version not in RECEIPT_VERSIONS or isinstance(self.version, bool):
             raise ReceiptError(f"unsupported receipt version {self.version!r}")
+        if self.version == 1:
+            if self.ledger_epoch is not None or self.prev_hash is not None:
+                raise ReceiptError("a version 1 receipt has no ledger_epoch or prev_hash")
+            return
+        if not isinstance(self.ledger_epoch, str) or not _EPOCH_RE.fullmatch(self.ledger_epoch):
+            raise ReceiptError("receipt field ledger_epoch must be 32 lowercase hex digits")
+        if self.prev_hash is not None and (
+            not isinstance(self.prev_hash, str) or not _HASH_RE.fullmatch(self.prev_hash)
+        ):
+            raise ReceiptError("receipt field prev_hash must be 64 lowercase hex digits or null")
 
     @property
     def total_tokens(self) -> int:
@@ -195,6 +232,9 @@ class Receipt:
         }
         if self.protocol != "v1":
             obj[_PROTOCOL_FIELD] = self.protocol
+        if self.version >= 2:
+            obj["ledger_epoch"] = self.ledger_epoch
+            obj["prev_hash"] = self.prev_hash
         return obj
 
     def canonical_json(self) -> str:
@@ -210,9 +250,13 @@ class Receipt:
         if not isinstance(obj, Mapping):
             raise ReceiptError("a receipt must be a JSON object")
         keys = set(obj) - {_PROTOCOL_FIELD}
-        if keys != _FIELDS:
-            missing = sorted(_FIELDS - keys)
-            extra = sorted(keys - _FIELDS)
+        version = obj.get("version")
+        # The field set of the version it claims (the constructor checks the version).
+        fields = _FIELDS.get(version) if type(version) is int else None
+        fields = fields or _FIELDS[RECEIPT_VERSION]
+        if keys != fields:
+            missing = sorted(fields - keys)
+            extra = sorted(keys - fields)
             raise ReceiptError(f"receipt fields differ: missing {missing}, unexpected {extra}")
         if obj["type"] != RECEIPT_TYPE:
             raise ReceiptError("not a usage receipt (wrong type)")
@@ -235,6 +279,8 @@ class Receipt:
             ended_at=obj["ended_at"],
             end_reason=obj["end_reason"],
             protocol=obj.get(_PROTOCOL_FIELD, "v1"),
+            ledger_epoch=obj.get("ledger_epoch"),
+            prev_hash=obj.get("prev_hash"),
         )
         if obj.get(_PROTOCOL_FIELD) == "v1":
             raise ReceiptError('a v1 receipt leaves out the protocol field (it is not "v1")')

@@ -103,7 +103,25 @@ _V4 = (
     "ALTER TABLE sessions ADD COLUMN owner_pid INTEGER",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
+_V5 = (
+    # The hash chain (receipt version 2). Older rows keep NULL here: they are version 1
+    # receipts and verify as before.
+    "ALTER TABLE receipts ADD COLUMN ledger_epoch TEXT",
+    "ALTER TABLE receipts ADD COLUMN prev_hash TEXT",
+    # One row per node start that opened the ledger for writing: a new random epoch, and
+    # the tail it found (sequence and receipt hash). A ledger whose last receipt is below
+    # the tail an epoch started after has lost receipts at its end.
+    """CREATE TABLE epochs (
+        epoch TEXT PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        after_sequence INTEGER NOT NULL,
+        after_hash TEXT
+    )""",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
+#: Tables every ledger has from schema version 1 on (what `receipts` checks for).
+LEDGER_TABLES = frozenset({"meta", "sessions", "requests", "receipts"})
 LATEST_VERSION = len(MIGRATIONS)
 
 

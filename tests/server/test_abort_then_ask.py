@@ -124,9 +124,12 @@ async def test_sdk_abort_then_ask_100_times_over_a_socket(
     released = count_releases(monkeypatch)
     # The SDK re-inits before every prompt. A person stops and asks again at most about
     # once a second, which the per-connection init allowance (a burst of 10, refilled at
-    # one per second) serves; this test goes 50 times faster, so it lifts the allowance.
+    # one per second) serves; this test goes 50 times faster, so it lifts the allowance,
+    # and the node-wide one of its network address (a burst of 60, 5 per second) too.
     lift_init_allowance(monkeypatch)
-    node = await node_factory.start(backend=SlowStop(EchoBackend(delay_s=0.005), stop_s=0.01))
+    node = await node_factory.start(
+        backend=SlowStop(EchoBackend(delay_s=0.005), stop_s=0.01), address_init_burst=0
+    )
     answers = 0
     with trio.fail_after(120):
         async with ws_client(node) as c:

@@ -396,6 +396,22 @@ def test_every_protocol_error_code_is_exercised() -> None:
         assert f'"{code.value}"' in source, f"{code.value} is not tested over the wire"
 
 
+async def test_storage_unavailable_refuses_without_closing(node_factory: NodeFactory) -> None:
+    """A node that cannot record usage (``--on-ledger-failure refuse``) refuses new work
+    with a code, charges no error budget and keeps the connection (more cases in
+    test_storage_failures.py)."""
+    node = await node_factory.start(on_ledger_failure="refuse")
+    node.ctx.storage.failed("ledger")
+    with trio.fail_after(20):
+        async with ws_client(node) as c:
+            for _ in range(node.ctx.config.max_errors + 1):
+                await c.send(_init(node, session_id="5"))
+                await c.expect_error("STORAGE_UNAVAILABLE")
+            await c.ping()
+            node.ctx.storage.recovered("ledger")
+            await c.init(node.host_public_key, session_id="6")
+
+
 async def test_allow_list_admits_only_listed_clients(node_factory: NodeFactory) -> None:
     listed = PrivateKey()
     node = await node_factory.start(

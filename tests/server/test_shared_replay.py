@@ -44,6 +44,63 @@ def test_two_caches_on_one_file_refuse_each_others_replays(tmp_path: Path) -> No
         c.close()
 
 
+def test_the_count_is_kept_by_the_file_for_every_worker(tmp_path: Path) -> None:
+    clock = Clock()
+    a = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=10, max_entries=3, clock=clock)
+    b = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=10, max_entries=3, clock=clock)
+    try:
+        assert a.add(b"1")
+        assert b.add(b"2")
+        assert not a.add(b"2")  # a replay changes no count
+        assert len(a) == len(b) == 2
+        assert a.add(b"3")
+        assert not b.has_room()  # b sees a's inserts without counting the table
+        clock.now += 10
+        assert b.has_room()  # expired entries are purged in a bounded batch
+        assert len(a) == len(b) == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_purging_is_bounded_per_call(tmp_path: Path) -> None:
+    from node.server import shared_replay
+
+    clock = Clock()
+    cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=10, clock=clock)
+    try:
+        for i in range(shared_replay.PURGE_BATCH * 3):
+            assert cache.add(b"k%d" % i)
+        clock.now += 10
+        assert cache.has_room()
+        assert len(cache) == shared_replay.PURGE_BATCH * 2  # one batch per call
+        assert cache.has_room()
+        assert cache.has_room()
+        assert len(cache) == 0
+    finally:
+        cache.close()
+
+
+def test_a_file_from_before_the_counter_is_counted_once(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "r.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE seen (digest BLOB PRIMARY KEY, at REAL NOT NULL)")
+    old.executemany(
+        "INSERT INTO seen VALUES (?, ?)", [(b"%032d" % i, 1_800_000_000.0) for i in range(5)]
+    )
+    old.commit()
+    old.close()
+    cache = SqliteReplayCache(path, window_s=900, clock=Clock())
+    try:
+        assert len(cache) == 5
+        assert cache.add(b"new")
+        assert len(cache) == 6
+    finally:
+        cache.close()
+
+
 def test_full_cache_refuses_instead_of_forgetting(tmp_path: Path) -> None:
     clock = Clock()
     cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=10, max_entries=2, clock=clock)

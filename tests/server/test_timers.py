@@ -118,6 +118,26 @@ async def test_replayed_init_is_refused_within_the_window_then_accepted(
             assert (await third.ask(session, "again")).text == "again"
 
 
+async def test_an_init_replayed_after_905_s_is_refused_by_default(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The outside review replayed a recorded init 905 s later (the old 900 s window) and
+    the node ran it again. The default window is now at least the session TTL."""
+    node = build_node()
+    assert node.ctx.config.replay_window_s >= node.ctx.config.session_ttl_s
+    frame, _ = init_frame(node.host_public_key, session_id="4")
+    t0 = trio.current_time()
+    with trio.fail_after(100_000):
+        async with memory_client(node) as first:
+            await first.send(frame)
+            await first.expect("session_init_ack")
+        for later in (905.0, 3600.0, node.ctx.config.session_ttl_s - 1):
+            await trio.sleep_until(t0 + later)
+            async with memory_client(node) as replayer:
+                await replayer.send(frame)
+                await replayer.expect_error("REPLAY_DETECTED")
+
+
 async def test_init_rate_limit_refills_over_time(autojump_clock: trio.testing.MockClock) -> None:
     node = build_node(idle_timeout_s=1000.0, max_errors=100)
     with trio.fail_after(300):

@@ -383,6 +383,33 @@ async def test_idle_timeout_says_goodbye(autojump_clock: trio.testing.MockClock)
     assert all_zero(node)
 
 
+async def test_v2_sessions_take_the_allowances_and_the_storage_admission(
+    node_factory: NodeFactory,
+) -> None:
+    """Protocol v2 sessions are bounded like v1's: the network and client address
+    allowances, and ``--on-ledger-failure refuse`` while the ledger fails."""
+    from node.client.errors import NodeErrorResponse
+
+    node = await node_factory.start(address_init_burst=1, address_init_rate=0.0)
+    with trio.fail_after(GUARD_S):
+        async with open_session(node.url, model="echo", job_id=1, client_key=CLIENT) as session:
+            assert session.protocol == "v2"
+        with pytest.raises(NodeErrorResponse) as refused:
+            async with open_session(node.url, model="echo", job_id=2, client_key=CLIENT):
+                pass
+        assert refused.value.code == "RATE_LIMITED"
+    failing = await node_factory.start(on_ledger_failure="refuse")
+    failing.ctx.storage.failed("ledger")
+    with trio.fail_after(GUARD_S):
+        with pytest.raises(NodeErrorResponse) as refused:
+            async with open_session(failing.url, model="echo", job_id=3, client_key=CLIENT):
+                pass
+        assert refused.value.code == "STORAGE_UNAVAILABLE"
+        failing.ctx.storage.recovered("ledger")
+        async with open_session(failing.url, model="echo", job_id=4, client_key=CLIENT) as ok:
+            assert (await ok.complete("fine")).text == "fine"
+
+
 async def test_a_bug_closes_only_its_v2_connection(
     node: RunningNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from eth_account.messages import encode_defunct
 from node.crypto.hostkey import HostKey
 from node.settlement import EndReason, Ledger, SignedReceipt, canonical_json
 from node.settlement.cli import add_receipts_command, receipts_main
+from node.settlement.receipt import receipt_hash
 from tests.settlement.conftest import FakeWallClock, connect, encrypted_identity, plaintext_identity
 
 
@@ -120,10 +121,16 @@ async def test_verify_passes_a_clean_ledger(
 ) -> None:
     code, out, _ = run_cli(["receipts", "verify", "--ledger", str(ledger_path)], capsys)
     assert code == 0
-    assert out.splitlines() == [
+    lines = out.splitlines()
+    assert lines[:3] == [
         f"receipt 1: valid: signed by {host_key.address}",
         f"receipt 2: valid: signed by {host_key.address}",
         f"receipt 3: valid: signed by {host_key.address}",
+    ]
+    epoch = filled[2].receipt.ledger_epoch
+    head = receipt_hash(filled[2].receipt.canonical_json())
+    assert lines[3:] == [
+        f"chain: intact; head receipt 3, epoch {epoch}, hash {head}",
         "3 receipt(s): 3 valid, 0 unsigned, 0 invalid",
     ]
     code, _, _ = run_cli(
@@ -236,10 +243,10 @@ async def test_unsigned_receipts_are_reported_not_failed(
         await ledger.close_session(usage, EndReason.SHUTDOWN)
     code, out, _ = run_cli(["receipts", "verify", "--ledger", str(ledger_path)], capsys)
     assert code == 0
-    assert out.splitlines() == [
-        "receipt 1: unsigned: recorded unsigned (node had no host key)",
-        "1 receipt(s): 0 valid, 1 unsigned, 0 invalid",
-    ]
+    lines = out.splitlines()
+    assert lines[0] == "receipt 1: unsigned: recorded unsigned (node had no host key)"
+    assert lines[1].startswith("chain: intact; head receipt 1, epoch ")
+    assert lines[2] == "1 receipt(s): 0 valid, 1 unsigned, 0 invalid"
     code, _, _ = run_cli(
         ["receipts", "verify", "--ledger", str(ledger_path), "--require-signed"], capsys
     )

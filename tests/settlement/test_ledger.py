@@ -243,7 +243,7 @@ def test_durability_pragmas_and_integrity(ledger: Ledger) -> None:
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("synchronous") == 2  # FULL
     assert store.pragma("foreign_keys") == 1
-    assert store.pragma("user_version") == LATEST_VERSION == 4
+    assert store.pragma("user_version") == LATEST_VERSION == 5
     assert store.integrity_check() == "ok"
     with pytest.raises(ValueError, match="pragma"):
         store.pragma("user_version; DROP TABLE receipts")

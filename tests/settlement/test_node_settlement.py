@@ -16,6 +16,7 @@ import trio
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
+from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
 from node.settlement import Ledger
 from node.settlement.service import LedgerAccounting
@@ -79,7 +80,12 @@ async def test_receipts_equal_the_usage_clients_saw(tmp_path: Path) -> None:
 async def test_hundred_concurrent_sessions_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     host = HostKey.parse(SDK_HOST_KEY)
     ledger = Ledger.open(tmp_path / "ledger.sqlite3", host_key=host)
-    async with running_node(host_key=host, accounting=LedgerAccounting(ledger)) as (_ctx, url):
+    # One machine opens all 100 sessions at once: lift the per-address allowance.
+    config = NodeConfig(port=0, address_init_burst=0)
+    async with running_node(host_key=host, accounting=LedgerAccounting(ledger), config=config) as (
+        _ctx,
+        url,
+    ):
 
         async def one(i: int) -> None:
             async with wire_client(url) as client:

@@ -45,8 +45,12 @@ V1_FIELDS = {
 
 
 def test_v1_receipt_has_no_protocol_field(host_key: HostKey) -> None:
+    # A receipt of a protocol v1 session: the fields it always had, plus the hash chain's
+    # two (receipt version 2); a receipt written before the chain has exactly the old ones.
     obj = json.loads(make_receipt(host_key).canonical_json())
-    assert set(obj) == V1_FIELDS
+    assert set(obj) == V1_FIELDS | {"ledger_epoch", "prev_hash"}
+    old = make_receipt(host_key, version=1, ledger_epoch=None)
+    assert set(json.loads(old.canonical_json())) == V1_FIELDS
 
 
 def test_v2_receipt_carries_protocol_and_round_trips(host_key: HostKey) -> None:

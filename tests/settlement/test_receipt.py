@@ -43,6 +43,8 @@ def make_receipt(host: HostKey | None, **changes: Any) -> Receipt:
         "started_at": "2025-06-15T15:06:40.000Z",
         "ended_at": "2025-06-15T15:07:40.000Z",
         "end_reason": "disconnect",
+        "ledger_epoch": "ab" * 16,
+        "prev_hash": None,
     }
     fields.update(changes)
     return Receipt(**fields)
@@ -63,7 +65,7 @@ def test_canonical_json_is_sorted_compact_utf8(host_key: HostKey) -> None:
     assert "modèle-中文" in text  # raw UTF-8, not \u escapes
     assert receipt.canonical_bytes() == text.encode("utf-8")
     assert obj["type"] == "llm-node.usage-receipt"
-    assert obj["version"] == 1
+    assert obj["version"] == 2
     assert obj["total_tokens"] == 42
     assert obj["amount"] == "210"
     assert obj["price_per_token"] == "5"
@@ -211,7 +213,12 @@ def test_json_and_export_round_trip(host_key: HostKey) -> None:
         (lambda o: o.update(price_per_token="05"), "decimal string"),
         (lambda o: o.update(job_id=42), "decimal string"),
         (lambda o: o.update(type="other"), "wrong type"),
-        (lambda o: o.update(version=2), "unsupported receipt version"),
+        (lambda o: o.update(version=3), "unsupported receipt version"),
+        (lambda o: o.update(version=True), "unsupported receipt version"),
+        (lambda o: o.update(version=1), "unexpected"),
+        (lambda o: o.update(ledger_epoch="AB" * 16), "ledger_epoch"),
+        (lambda o: o.update(ledger_epoch=None), "ledger_epoch"),
+        (lambda o: o.update(prev_hash="00" * 31), "prev_hash"),
         (lambda o: o.update(extra=1), "unexpected"),
         (lambda o: o.pop("model"), "missing"),
         (lambda o: o.update(encrypted=1), "must be a bool"),

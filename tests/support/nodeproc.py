@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,9 +26,14 @@ LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 @contextmanager
 def echo_node_process(
-    ledger: Path, env: dict[str, str], *, startup_s: float = 60.0
+    ledger: Path,
+    env: dict[str, str],
+    *,
+    startup_s: float = 60.0,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[tuple[str, list[str]]]:
-    """Run an echo-backend node; yields (base URL, the node's log lines so far)."""
+    """Run an echo-backend node; yields (base URL, the node's log lines so far).
+    ``extra_args`` go to ``llm-node serve`` after the others."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -43,6 +48,7 @@ def echo_node_process(
             "0",
             "--ledger",
             str(ledger),
+            *extra_args,
         ],
         cwd=REPO_ROOT,
         env=env,

@@ -38,6 +38,7 @@ from node.protocol.errors import (
     CLOSE_POLICY_VIOLATION,
     ProtocolError,
 )
+from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.requests import request_from_object
 from node.protocol.v2 import records as r
 from node.protocol.v2.session import parse_session_record, verify_session
@@ -45,7 +46,9 @@ from node.protocol.v2.session import parse_session_record, verify_session
 CLOSE_UNSUPPORTED_DATA: Final = 1003
 # json.dumps of one string with ensure_ascii=False (the C encoder when available)
 _json_string: Callable[[str], str] = json.encoder.encode_basestring
-_NODE_SIDE_CODES: Final = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR})
+_NODE_SIDE_CODES: Final = frozenset(
+    {ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR, ErrorCode.STORAGE_UNAVAILABLE}
+)
 
 
 @attrs.frozen
@@ -88,8 +91,18 @@ class ServerConnectionV2:
         config: V2Config | None = None,
         rng: Callable[[int], bytes] = os.urandom,
         ephemeral: KeyPair | None = None,
+        address_limiter: AddressRateLimiter | None = None,
+        remote_address: str | None = None,
+        admission: Callable[[], None] | None = None,
     ) -> None:
+        """``address_limiter``, ``remote_address`` and ``admission`` as for v1's
+        :class:`~node.protocol.connection.ConnectionState`: the session record takes one
+        new session from the network address's and the client address's allowances, and
+        ``admission`` may refuse new sessions and requests (``STORAGE_UNAVAILABLE``)."""
         self.config = config or V2Config()
+        self._address_limiter = address_limiter
+        self._remote_address = remote_address
+        self._admission = admission
         self._clock = clock
         self.state = "handshake"  # -> "session" -> "ready" -> "closed"
         self.padding = 0
@@ -255,6 +268,9 @@ class ServerConnectionV2:
                     ErrorCode.SESSION_AUTH_DENIED,
                     f"client {verified.client_address} is not allowed on this node",
                 )
+            self._admit()
+            self._take_allowance("ip", self._remote_address)
+            self._take_allowance("client", verified.client_address.lower())
         except ProtocolError as exc:
             return self._refuse(exc)
         session = Session(
@@ -289,8 +305,26 @@ class ServerConnectionV2:
         active.cancel_requested = True
         return [CancelRequest("client requested cancel")]
 
+    def _admit(self) -> None:
+        if self._admission is None:
+            return
+        try:
+            self._admission()
+        except NodeError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+
+    def _take_allowance(self, kind: str, address: str | None) -> None:
+        if self._address_limiter is None or address is None:
+            return
+        if not self._address_limiter.take(f"{kind}:{address}"):
+            what = "your network address" if kind == "ip" else f"client {address}"
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, f"too many new sessions from {what}; slow down"
+            )
+
     def _on_request(self, obj: dict[str, object], request_id: str) -> list[Action]:
         assert self.session is not None
+        self._admit()
         if self.active is not None:
             raise ProtocolError(
                 ErrorCode.REQUEST_IN_PROGRESS,
