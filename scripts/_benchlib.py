@@ -108,6 +108,24 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def group_rss_kib(pid: int) -> int:
+    """VmRSS of a process and of every live process in its process group, in KiB."""
+    try:
+        pgid = os.getpgid(pid)
+    except OSError:
+        return 0
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == pgid:
+                total += rss_kib(int(entry.name))
+        except OSError:
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its reaped children, in seconds."""
     try:
@@ -355,6 +373,9 @@ class Stats:
         self.first_token_s: list[float] = []
         self.decode_tok_s: list[float] = []
         self.latencies_ms: list[float] = []
+        self.worst_gaps_ms: list[float] = []
+        self.worst_gap_where: dict[str, int] = {}
+        self.first_frame_ms: list[float] = []
         self.text_sha256: list[str] = []
         self.request_s: list[float] = []
 
@@ -377,6 +398,9 @@ class Stats:
             "decode_tok_s": self.decode_tok_s,
             "request_s": self.request_s,
             "latencies_ms": [round(x, 3) for x in self.latencies_ms] if with_latencies else [],
+            "worst_gaps_ms": [round(x, 3) for x in self.worst_gaps_ms] if with_latencies else [],
+            "worst_gap_where": self.worst_gap_where,
+            "first_frame_ms": [round(x, 3) for x in self.first_frame_ms] if with_latencies else [],
             "text_sha256": self.text_sha256,
         }
 
@@ -631,15 +655,31 @@ class BenchConnection:
         finished = False
         t0 = monotonic()
         stats.t_start = min(stats.t_start, t0)
+        # The longest wait of this stream between two of its frames (data chunks and the
+        # closing frames), from its first frame on, and which frame ended it; the wait for
+        # the first frame is reported separately (first_frame_ms).
+        last_at = t0
+        worst_gap = 0.0
+        worst_where = "none"
+        frames_seen = 0
         try:
             with trio.fail_after(cfg.request_timeout):
                 await ws.send_message(frame)
                 while True:
                     text = await ws.get_message()
                     now = monotonic()
+                    gap = now - last_at
+                    last_at = now
                     nbytes += len(text)
                     msg = loads(text)
                     kind = msg.get("type")
+                    if not frames_seen:
+                        stats.first_frame_ms.append(gap * 1000.0)
+                    elif gap > worst_gap:
+                        worst_gap = gap
+                        data = kind in ("encrypted_chunk", "stream_chunk") and not msg.get("final")
+                        worst_where = "data chunk" if data else "closing frame"
+                    frames_seen += 1
                     if kind == "encrypted_chunk":
                         p = msg["payload"]
                         aad = fromhex(p["aadHex"])
@@ -696,6 +736,10 @@ class BenchConnection:
         stats.bytes += nbytes
         stats.t_end = max(stats.t_end, monotonic())
         stats.request_s.append(monotonic() - t0)
+        if cfg.record_latency:
+            stats.worst_gaps_ms.append(worst_gap * 1000.0)
+            where = stats.worst_gap_where
+            where[worst_where] = where.get(worst_where, 0) + 1
         if not finished:
             return
         text_bytes = b"".join(pieces)
@@ -1050,3 +1094,110 @@ def node_main(args: Any) -> int:
     config = NodeConfig(**json.loads(args.config))
     configure_logging(config.log_level, config.log_format)
     return serve_main(config)
+
+
+# ------------------------------------------------------------- the init round-trip client
+
+
+async def init_client_main(args: Any) -> None:
+    """``--role initclient``: session-init round trips as a client sees them (B1 socket).
+
+    Opens ``--connections`` WebSocket connections per mode (encrypted, plaintext). On each
+    ``go <mode>`` line it runs one init on every connection of that mode, one at a time,
+    and reports the wall-clock time from just before the init frame is sent to just after
+    its ack arrives (``time.perf_counter``). The encrypted frames of a round are sealed
+    before it starts, so the client's own sealing is not timed. Each round uses a new
+    session id (every init is a new session, never a re-init), and the collector is off
+    while a round runs.
+    """
+    from coincurve import PrivateKey
+
+    from node.crypto.session_init import seal_session_init
+
+    raise_fd_limit()
+    cfg = ClientConfig(args)
+    if cfg.host_pub is None:
+        raise SystemExit("--host-pub is required")
+    host_pub = cfg.host_pub
+    conns: dict[str, list[WebSocketConnection]] = {"encrypted": [], "plaintext": []}
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    reader = LineReader(stdin)
+    rounds = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            for mode, pool in conns.items():
+                for _ in range(args.connections):
+                    stream = await trio.open_tcp_stream(HOST, cfg.port)
+                    ws = await wrap_client_stream(
+                        nursery,
+                        stream,
+                        HOST,
+                        "/v1/ws",
+                        message_queue_size=1,
+                        receive_buffer_size=CLIENT_RECEIVE_BUFFER,
+                    )
+                    if json.loads(await ws.get_message()).get("type") != "connected":
+                        raise RuntimeError(f"{mode}: no connected frame")
+                    pool.append(ws)
+            gc.collect()
+            gc.freeze()
+            emit({"event": "ready", "opened": sum(len(p) for p in conns.values())})
+            while True:
+                try:
+                    words = (await reader.readline()).decode().split()
+                except EOFError:
+                    words = []
+                if len(words) != 2 or words[0] != "go":
+                    break
+                mode = words[1]
+                rounds += 1
+                sid = str(rounds)
+                frames = []
+                for _ in conns[mode]:
+                    if mode == "encrypted":
+                        payload = seal_session_init(
+                            host_pub,
+                            PrivateKey(),
+                            os.urandom(32),
+                            job_id=rounds,
+                            model_name="bench",
+                            price_per_token=1,
+                        )
+                        body = {"type": "encrypted_session_init", "payload": payload}
+                    else:
+                        body = {"type": "session_init"}
+                    body.update(session_id=sid, job_id=str(rounds), chain_id=84532)
+                    frames.append(json.dumps(body))
+                rtt_us: list[float] = []
+                errors: list[str] = []
+                perf = time.perf_counter
+                gc.disable()
+                try:
+                    for ws, frame in zip(conns[mode], frames, strict=True):
+                        t0 = perf()
+                        await ws.send_message(frame)
+                        reply = await ws.get_message()
+                        t1 = perf()
+                        kind = json.loads(reply).get("type")
+                        if kind != "session_init_ack":
+                            errors.append(str(json.loads(reply).get("code", kind)))
+                        else:
+                            rtt_us.append((t1 - t0) * 1e6)
+                finally:
+                    gc.enable()
+                emit(
+                    {
+                        "event": "result",
+                        "mode": mode,
+                        "rtt_us": [round(x, 1) for x in rtt_us],
+                        "errors": len(errors),
+                        "error_samples": errors[:5],
+                    }
+                )
+            for pool in conns.values():
+                for ws in pool:
+                    with trio.move_on_after(1):
+                        await ws.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        await stdin.aclose()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import threading
+from typing import Any
 
 from coincurve import PrivateKey, PublicKey
 from Crypto.Hash import keccak
@@ -38,23 +41,89 @@ def ecdh_x(scalar: bytes | bytearray | memoryview, peer: PublicKey) -> SecretByt
     return SecretBytes(point.format(compressed=True)[1:])
 
 
-def keccak256(data: bytes) -> bytes:
+def _keccak256_pycryptodome(data: bytes) -> bytes:
     return keccak.new(digest_bits=256, data=data).digest()
 
 
+# pycryptodome's C Keccak called without its per-call Python wrapper (2.7 vs 6.2 us a
+# digest here); if a pycryptodome version lacks these internals, its public API is used.
+_keccak_lib: Any = getattr(keccak, "_raw_keccak_lib", None)
+_ffi: Any = getattr(importlib.import_module("Crypto.Util._raw_api"), "ffi", None)
+if _ffi is None:  # pragma: no cover - the ctypes backend
+    _keccak_lib = None
+
+
+class _KeccakState(threading.local):
+    """One reusable Keccak-256 state per thread (reset before each use)."""
+
+    def __init__(self) -> None:
+        ptr = _ffi.new("void **")
+        if _keccak_lib.keccak_init(ptr, 64, 24):  # capacity 2 x 32 bytes, 24 rounds
+            raise RuntimeError("keccak_init failed")  # pragma: no cover
+        self.state = _ffi.gc(ptr[0], _keccak_lib.keccak_destroy)
+        self.out = _ffi.new("uint8_t[32]")
+
+
+_keccak_local = _KeccakState() if _keccak_lib is not None else None
+
+
+def keccak256(data: bytes) -> bytes:
+    """Keccak-256 (Ethereum's, not SHA3-256) of ``data``."""
+    local = _keccak_local
+    if local is None:  # pragma: no cover - depends on the installed pycryptodome
+        return _keccak256_pycryptodome(data)
+    if type(data) is not bytes:
+        data = bytes(data)
+    state = local.state
+    out = local.out
+    if (
+        _keccak_lib.keccak_reset(state)
+        or _keccak_lib.keccak_absorb(state, data, len(data))
+        or _keccak_lib.keccak_digest(state, out, 32, 1)  # 0x01: Keccak padding, not SHA-3's
+    ):
+        raise RuntimeError("keccak failed")  # pragma: no cover
+    digest: bytes = _ffi.buffer(out)[:]
+    return digest
+
+
+# Per hex character: 0x20 where EIP-55 may upper-case it (a-f), and 0x20 where the
+# checksum digest's nibble says to (8-f). ASCII a-f XOR 0x20 is A-F.
+_HEX_DIGITS = b"0123456789abcdef"
+_IS_LETTER = bytes.maketrans(_HEX_DIGITS, bytes(10) + b"\x20" * 6)
+_IS_HIGH = bytes.maketrans(_HEX_DIGITS, bytes(8) + b"\x20" * 8)
+
+
 def to_checksum_address(address20: bytes) -> str:
-    """EIP-55 mixed-case hex of a 20-byte address."""
-    lower = address20.hex()
-    digest = keccak256(lower.encode("ascii")).hex()
-    return "0x" + "".join(
-        c.upper() if c.isalpha() and int(digest[i], 16) >= 8 else c for i, c in enumerate(lower)
+    """EIP-55 mixed-case hex of a 20-byte address (bytewise integer masks, no loop)."""
+    if len(address20) != 20:
+        raise ValueError("an address is 20 bytes")
+    lower = address20.hex().encode("ascii")
+    nibbles = keccak256(lower).hex().encode("ascii")[:40]
+    mask = int.from_bytes(lower.translate(_IS_LETTER), "big") & int.from_bytes(
+        nibbles.translate(_IS_HIGH), "big"
     )
+    return "0x" + (int.from_bytes(lower, "big") ^ mask).to_bytes(40, "big").decode("ascii")
+
+
+def compress_sec1(uncompressed: bytes) -> bytes:
+    """The 33-byte compressed form of a 65-byte 04 || x || y key already known to be valid
+    (x with y's parity; no second serialisation by the library)."""
+    return bytes((2 | (uncompressed[64] & 1),)) + uncompressed[1:33]
+
+
+def address_of_uncompressed(uncompressed: bytes) -> str:
+    """EIP-55 address of a 65-byte 04 || x || y key: Keccak of x || y, last 20 bytes.
+
+    EIP-55's checksum is by definition a second Keccak (of the address's lowercase hex),
+    so it cannot be taken from this first digest.
+    """
+    return to_checksum_address(keccak256(uncompressed[1:])[-20:])
 
 
 def address_of(public_key: PublicKey | bytes) -> str:
     """EIP-55 Ethereum address of a public key (33- or 65-byte SEC1, or parsed)."""
     pk = public_key if isinstance(public_key, PublicKey) else parse_public_key(public_key)
-    return to_checksum_address(keccak256(pk.format(compressed=False)[1:])[-20:])
+    return address_of_uncompressed(pk.format(compressed=False))
 
 
 def parse_recoverable_signature(signature: bytes) -> tuple[int, int, int]:
@@ -86,8 +155,8 @@ def recover_public_key(digest: bytes, signature: bytes) -> PublicKey:
     """Recover the signer's public key from a 32-byte digest and r || s || v."""
     if len(digest) != 32:
         raise InvalidSignature("digest must be 32 bytes")
-    r, s, recid = parse_recoverable_signature(signature)
-    compact = r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes((recid,))
+    recid = parse_recoverable_signature(signature)[2]
+    compact = signature[:64] + bytes((recid,))
     try:
         return PublicKey.from_signature_and_message(compact, digest, hasher=None)
     except (ValueError, TypeError):

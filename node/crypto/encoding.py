@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from node.crypto.errors import InvalidHexEncoding
@@ -22,9 +23,8 @@ def decode_hex(text: str, field: str) -> bytes:
     if len(body) % 2:
         raise InvalidHexEncoding(f"{field}: hex string has an odd number of digits")
     try:
-        # bytes.fromhex accepts whitespace; the wire format does not.
-        if not _HEX_CHARS.issuperset(body):
-            raise ValueError
+        # binascii.unhexlify accepts exactly the hex digits (no whitespace, unlike
+        # bytes.fromhex, and no non-ASCII text): one pass in C, no separate check.
         return binascii.unhexlify(body)
     except ValueError:
         raise InvalidHexEncoding(f"{field}: not a hex string") from None
@@ -102,6 +102,26 @@ def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
             if depth < 0:
                 return True  # a closer with nothing open: unbalanced
     return depth != 0
+
+
+def bounded_loads(**kwargs: Any) -> Callable[[str], Any]:
+    """:func:`loads_bounded` with fixed options and one decoder built up front (``json.loads``
+    with any keyword builds a new ``JSONDecoder`` on every call)."""
+    decoder = json.JSONDecoder(**kwargs)
+
+    def loads(text: str) -> Any:
+        if not isinstance(text, str):
+            raise TypeError("JSON text must be str")
+        if too_deep(text):
+            raise ValueError("JSON nested too deeply")
+        if text.startswith("\ufeff"):  # as json.loads: a BOM is an error, not skipped
+            raise ValueError("unexpected UTF-8 BOM")
+        try:
+            return decoder.decode(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+    return loads
 
 
 def loads_bounded(text: str, **kwargs: Any) -> Any:

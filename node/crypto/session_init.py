@@ -19,7 +19,8 @@ from coincurve import PrivateKey, PublicKey
 
 from node.crypto import aead
 from node.crypto.curve import (
-    address_of,
+    address_of_uncompressed,
+    compress_sec1,
     e2ee_v1_digest,
     parse_public_key,
     recover_public_key,
@@ -329,14 +330,33 @@ def _vector_database_text(value: object) -> str | None:
     return text
 
 
+def _recovery_key_error(raw: bytes) -> InvalidSessionData | None:
+    """Why ``recoveryPublicKey`` is not a valid key, or None when it is one."""
+    try:
+        parse_public_key(raw, field="recoveryPublicKey")
+    except InvalidPublicKey as exc:
+        return InvalidSessionData(f"recoveryPublicKey is not a valid key: {exc}")
+    return None
+
+
 def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
-    """Steps 2-5: ECDH + HKDF, decrypt, validate session data, authenticate the client."""
+    """Steps 2-5: ECDH + HKDF, decrypt, validate session data, authenticate the client.
+
+    Each step is done once: the ephemeral key is parsed (and so checked to be on the
+    curve) once and, when it came compressed, used in that form; the signer's compressed
+    form and address come from one serialisation of the recovered point. A
+    ``recoveryPublicKey`` is checked by comparing it with the recovered signer's key in
+    its own encoding (equal to a valid point's canonical encoding means valid); only when
+    they differ is it parsed, to report an invalid key as such rather than as a signature
+    mismatch.
+    """
     if len(init.ciphertext) - aead.TAG_SIZE > MAX_SESSION_DATA_BYTES:
         raise InvalidSessionData(
             f"session data is larger than {MAX_SESSION_DATA_BYTES} bytes (the limit)"
         )
+    eph = init.ephemeral_public
     try:
-        eph_point = parse_public_key(init.ephemeral_public, field="ephPubHex")
+        eph_point = parse_public_key(eph, field="ephPubHex")
     except InvalidPublicKey as exc:
         raise InvalidPayload(exc.message) from None
     with host_key.ecdh_x(eph_point) as shared:
@@ -356,30 +376,40 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
             if not isinstance(recovery_raw, str):
                 raise InvalidSessionData("recoveryPublicKey must be a hex string")
             try:
-                recovery = parse_public_key(
-                    decode_hex(recovery_raw, "recoveryPublicKey"), field="recoveryPublicKey"
-                ).format(compressed=True)
-            except (InvalidPublicKey, ValueError) as exc:
-                raise InvalidSessionData(f"recoveryPublicKey is not a valid key: {exc}") from None
-            except Exception:
+                recovery = decode_hex(recovery_raw, "recoveryPublicKey")
+            except InvalidHexEncoding:
                 raise InvalidSessionData("recoveryPublicKey is not valid hex") from None
         vdb = _vector_database_text(data.get("vectorDatabase"))
         del data  # the parsed objects go now; only the bounded fields above are kept
 
         digest = e2ee_v1_digest(
-            eph_point.format(compressed=True),
+            eph if len(eph) == 33 else eph_point.format(compressed=True),
             host_key.public_key,
             init.salt,
             init.nonce,
             init.info,
             init.aad,
         )
-        signer = recover_public_key(digest, init.signature).format(compressed=True)
-        if recovery is not None and not constant_time_equal(signer, recovery):
-            raise InvalidSignature(
-                "signature was not made by recoveryPublicKey (the session is not bound to "
-                "the client's key)"
-            )
+        try:
+            signer_full = recover_public_key(digest, init.signature).format(compressed=False)
+        except InvalidSignature:
+            if recovery is not None:  # an invalid recoveryPublicKey is reported first
+                bad = _recovery_key_error(recovery)
+                if bad is not None:
+                    raise bad from None
+            raise
+        signer = compress_sec1(signer_full)
+        if recovery is not None:
+            if not constant_time_equal(recovery, signer if len(recovery) == 33 else signer_full):
+                bad = _recovery_key_error(recovery)
+                if bad is not None:
+                    raise bad
+                raise InvalidSignature(
+                    "signature was not made by recoveryPublicKey (the session is not bound "
+                    "to the client's key)"
+                )
+            recovery = signer
+        address = address_of_uncompressed(signer_full)
     except BaseException:
         session_key.wipe()
         raise
@@ -388,7 +418,7 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
         job_id=job_id,
         model_name=model,
         price_per_token=price,
-        client_address=address_of(signer),
+        client_address=address,
         client_public_key=signer,
         recovery_public_key=recovery,
         vector_database_json=vdb,

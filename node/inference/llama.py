@@ -7,12 +7,14 @@ is not thread-safe, so every request for an instance is serialized behind a fair
 :class:`RateLimited` instead of queueing without bound (the client can retry or go to
 another node; an unbounded queue would only turn overload into timeouts).
 
-Generation runs in a worker thread (``trio.to_thread.run_sync``) so the event loop stays
-responsive. The thread hands every piece back to the calling Trio task with
-``trio.from_thread.run(emit, piece)`` (so ``emit``'s back-pressure and cancellation apply)
-and checks between tokens, and between prompt chunks, whether the caller was cancelled or
-the backend is closing; a cancel therefore stops the model within one token (or one prompt
-chunk) and :class:`trio.Cancelled` propagates to the caller.
+Generation runs in a worker thread so the event loop stays responsive. The thread hands
+pieces to the calling Trio task through a bounded buffer (:class:`PieceHandoff`): it
+appends each piece and goes on with the next token without waiting for the event loop,
+which drains the buffer and awaits ``emit`` per piece (so ``emit``'s back-pressure
+applies); only when the buffer is full does the thread wait. It checks between tokens,
+and between prompt chunks, whether the caller stopped or the backend is closing; a cancel
+therefore stops the model within one token (or one prompt chunk), the caller waits for the
+thread to end, and :class:`trio.Cancelled` propagates to it.
 
 Usage counts are exact: ``prompt_tokens`` is the length of the tokenized, chat-templated
 prompt and ``completion_tokens`` the number of sampled tokens (the end-of-generation token
@@ -61,6 +63,7 @@ from node.inference.errors import (
     RateLimited,
     TokenLimitExceeded,
 )
+from node.inference.handoff import DEFAULT_CAPACITY, PieceHandoff
 from node.inference.text import StopSequenceFilter, Utf8Reassembler
 
 logger = logging.getLogger("node.inference")
@@ -124,6 +127,8 @@ class LlamaBackend:
     * ``queue_limit``: how many requests may wait while one generates (more: RateLimited).
     * ``default_max_tokens`` / ``default_temperature``: used when a request gives none.
     * ``prompt_chunk_tokens``: prompt tokens evaluated between two cancellation checks.
+    * ``handoff_capacity``: pieces the model thread may get ahead of the event loop before
+      it waits (the hand-off buffer's bound).
 
     The model is loaded on the first ``ready()`` or ``generate()`` (in a thread, logged with
     its load time); call ``await backend.ready()`` at startup to load it eagerly.
@@ -145,6 +150,7 @@ class LlamaBackend:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         default_temperature: float = DEFAULT_TEMPERATURE,
         prompt_chunk_tokens: int = DEFAULT_PROMPT_CHUNK,
+        handoff_capacity: int = DEFAULT_CAPACITY,
     ) -> None:
         if model_path is None:
             found = find_packaged_model()
@@ -158,10 +164,16 @@ class LlamaBackend:
             path = Path(model_path)
         if not path.is_file():
             raise InferenceFailed(f"model file not found: {path}")
-        if n_ctx < 0 or queue_limit < 0 or default_max_tokens < 1 or prompt_chunk_tokens < 1:
+        if (
+            n_ctx < 0
+            or queue_limit < 0
+            or default_max_tokens < 1
+            or prompt_chunk_tokens < 1
+            or handoff_capacity < 1
+        ):
             raise ValueError(
-                "n_ctx and queue_limit must be >= 0, default_max_tokens and "
-                "prompt_chunk_tokens >= 1"
+                "n_ctx and queue_limit must be >= 0, default_max_tokens, "
+                "prompt_chunk_tokens and handoff_capacity >= 1"
             )
         self.model_path = path
         self.model_id = model_id or (path.name[:-5] if path.name.endswith(".gguf") else path.name)
@@ -175,6 +187,7 @@ class LlamaBackend:
         self._default_max_tokens = default_max_tokens
         self._default_temperature = default_temperature
         self._prompt_chunk = prompt_chunk_tokens
+        self._handoff_capacity = handoff_capacity
 
         self._llama: Any = None
         self._formatter: Any = None
@@ -221,8 +234,9 @@ class LlamaBackend:
             plan = await trio.to_thread.run_sync(self._plan_sync, request)
             report_prompt_tokens(emit, len(plan.prompt_ids))
             stats = _RunStats()
+            handoff: PieceHandoff[None] = PieceHandoff(self._handoff_capacity)
             try:
-                await trio.to_thread.run_sync(self._run_sync, plan, emit, stats)
+                await handoff.run(lambda h: self._run_sync(plan, h, stats), emit)
             except BaseException as exc:
                 stats.finish_reason = "cancelled" if isinstance(exc, trio.Cancelled) else "error"
                 self._log_stats(stats, len(plan.prompt_ids), time.perf_counter() - started)
@@ -374,13 +388,13 @@ class LlamaBackend:
         )
         return _Plan(prompt_ids, limit, temperature, request.seed, request.stop)
 
-    def _check_stop(self) -> None:
-        """Between two units of model work: raise if the caller cancelled or we are closing."""
-        trio.from_thread.check_cancelled()
+    def _check_stop(self, handoff: PieceHandoff[None]) -> None:
+        """Between two units of model work: raise if the caller stopped or we are closing."""
+        handoff.check_stop()
         if self._closing.is_set():
             raise InferenceFailed("the model backend is shutting down")
 
-    def _run_sync(self, plan: _Plan, emit: Emit, stats: _RunStats) -> None:
+    def _run_sync(self, plan: _Plan, handoff: PieceHandoff[None], stats: _RunStats) -> None:
         """The worker thread: evaluate the prompt, sample, hand pieces to the Trio task.
 
         ``stats`` is filled in as it goes, so the caller can log it even after a cancel.
@@ -391,7 +405,7 @@ class LlamaBackend:
         try:
             llama.reset()
             for i in range(0, len(ids), self._prompt_chunk):
-                self._check_stop()
+                self._check_stop(handoff)
                 llama.eval(ids[i : i + self._prompt_chunk])
             llama.set_seed(plan.seed if plan.seed is not None else _RANDOM_SEED)
             tokens = llama.generate(ids, temp=plan.temperature, reset=True)
@@ -406,7 +420,7 @@ class LlamaBackend:
         first_at: float | None = None
         try:
             while stats.completion_tokens < plan.max_tokens:
-                self._check_stop()
+                self._check_stop(handoff)
                 try:
                     token = next(tokens)
                     end_of_generation = bool(self._is_eog(llama._model.vocab, token))
@@ -423,14 +437,14 @@ class LlamaBackend:
                 pending += 1
                 text = stops.feed(utf8.feed(data))
                 if text:
-                    trio.from_thread.run(emit, Piece(text=text, tokens=pending))
+                    handoff.put(Piece(text=text, tokens=pending))
                     pending = 0
                 if stops.stopped:
                     stats.finish_reason = "stop"
                     break
             tail = "" if stops.stopped else stops.feed(utf8.flush()) + stops.flush()
             if tail:
-                trio.from_thread.run(emit, Piece(text=tail, tokens=pending))
+                handoff.put(Piece(text=tail, tokens=pending))
         finally:
             tokens.close()
             if first_at is not None:

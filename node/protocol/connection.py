@@ -823,15 +823,26 @@ class ConnectionState:
         )
 
     def finish(
-        self, finish_reason: str, *, prompt_tokens: int, completion_tokens: int | None = None
+        self,
+        finish_reason: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int | None = None,
+        hold: bool = False,
     ) -> list[OutboundMessage]:
-        """The closing frames of the active request (PROTOCOL.md section 4)."""
+        """The closing frames of the active request (PROTOCOL.md section 4).
+
+        With ``hold`` the request stays the active one (a new request is still refused
+        with ``REQUEST_IN_PROGRESS``) until :meth:`release`: for a driver that sends the
+        last of these frames later (``stream_end`` after the usage is recorded).
+        """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish reason {finish_reason!r}")
         active = self.active
         if active is None:
             raise RuntimeError("no request is streaming")
-        self.active = None
+        if not hold:
+            self.active = None
         completion = active.completion_tokens if completion_tokens is None else completion_tokens
         session = active.session
         frames: list[OutboundMessage] = []
@@ -858,6 +869,11 @@ class ConnectionState:
             )
         )
         return frames
+
+    def release(self) -> None:
+        """End a request held by ``finish(..., hold=True)``: the connection takes requests
+        again."""
+        self.active = None
 
     def fail(
         self, error: NodeError, *, prompt_tokens: int = 0, completion_tokens: int | None = None

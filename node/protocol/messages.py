@@ -17,7 +17,7 @@ import attrs
 import cattrs
 
 from node.crypto import aead
-from node.crypto.encoding import decode_hex, loads_bounded
+from node.crypto.encoding import bounded_loads, decode_hex
 from node.crypto.errors import ErrorCode, NodeError
 from node.crypto.session_init import InitPayload, parse_init_payload
 from node.protocol.errors import ProtocolError
@@ -320,6 +320,18 @@ def _encode_encrypted_chunk(m: EncryptedChunk) -> str:
     )
 
 
+def _encode_ack(m: SessionInitAck) -> str:
+    """``session_init_ack`` written directly (once per init; same bytes as the converter)."""
+    job = "null" if m.job_id is None else f"{m.job_id:d}"
+    address = "" if m.client_address is None else f',"client_address":{_dumps(m.client_address)}'
+    request_id = "" if m.id is None else f',"id":{_dumps(m.id)}'
+    return (
+        f'{{"type":{_dumps(m.type)},"status":{_dumps(m.status)},'
+        f'"session_id":{_dumps(m.session_id)},"job_id":{job},"chain_id":{m.chain_id:d}'
+        f'{address},"message":{_dumps(m.message)}{request_id}}}'
+    )
+
+
 def _encode_stream_chunk(m: StreamChunk) -> str:
     return (
         f'{{"type":"stream_chunk","content":{_dumps(m.content)},"tokens":{m.tokens:d}'
@@ -327,11 +339,12 @@ def _encode_stream_chunk(m: StreamChunk) -> str:
     )
 
 
-# The two frames sent once per piece get a direct writer; tests check that it gives
-# exactly the bytes of the generic converter path.
+# The two frames sent once per piece, and the init ack, get a direct writer; tests check
+# that it gives exactly the bytes of the generic converter path.
 _FAST_ENCODERS: Final[dict[type[Any], Callable[[Any], str]]] = {
     EncryptedChunk: _encode_encrypted_chunk,
     StreamChunk: _encode_stream_chunk,
+    SessionInitAck: _encode_ack,
 }
 
 
@@ -576,13 +589,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
+# One decoder for every frame (json.loads with a keyword builds a new one per call).
+_frame_loads = bounded_loads(parse_constant=_reject_constant)
+
+
 def parse_json(text: str | bytes) -> Any:
     """``json.loads`` that turns every failure into ``INVALID_MESSAGE``."""
     try:
         if isinstance(text, bytes):
             # Strict UTF-8: json.loads would otherwise guess UTF-16/32 from the bytes.
             text = text.decode("utf-8")
-        return loads_bounded(text, parse_constant=_reject_constant)
+        return _frame_loads(text)
     except (ValueError, RecursionError, TypeError):
         raise _invalid("frame is not valid UTF-8 JSON") from None
 

@@ -216,6 +216,12 @@ class StreamingDriver:
         """Send the closing frames of the active request."""
         raise NotImplementedError
 
+    async def _before_accounting(
+        self, finish: str, prompt_tokens: int, delivered: int, error: NodeError | None
+    ) -> None:
+        """Send what of the answer's end may go before its usage is recorded (nothing,
+        unless a subclass says otherwise); :meth:`_end_request` sends the rest after."""
+
     async def _after_request(self) -> None:
         """After an answer ended (and the node is not shutting down)."""
         await trio.lowlevel.checkpoint()
@@ -286,6 +292,7 @@ class StreamingDriver:
         result: GenerationResult | None = None
         error: NodeError | None = None
         accounted = False
+        final_usage: GenerationResult | None = None
         send_channel, receive_channel = trio.open_memory_channel[Piece](
             ctx.config.stream_queue_size
         )
@@ -323,6 +330,11 @@ class StreamingDriver:
                 prompt_tokens = emit.prompt_tokens
                 estimated = emit.prompt_estimated
             usage = GenerationResult(finish, prompt_tokens, delivered, estimated)
+            final_usage = usage  # from here on, a cancel records this, not "cancelled"
+            try:
+                await self._before_accounting(finish, prompt_tokens, delivered, error)
+            except ConnectionClosed:
+                self.end_reason = "disconnect"
             accounted = True
             await ctx.accounting.request_finished(session, request_id, usage)
             ctx.metrics.requests[finish] += 1
@@ -337,17 +349,15 @@ class StreamingDriver:
             self.end_reason = "disconnect"
         finally:
             if not accounted:
-                # Cancelled by the connection ending: record what was delivered.
-                delivered = self._delivered()
-                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
-                    await ctx.accounting.request_finished(
-                        session,
-                        request_id,
-                        GenerationResult(
-                            "cancelled", emit.prompt_tokens, delivered, emit.prompt_estimated
-                        ),
+                # Cancelled by the connection ending: record what was delivered (or what
+                # the request had already come to, if it ended while its last frames went).
+                if final_usage is None:
+                    final_usage = GenerationResult(
+                        "cancelled", emit.prompt_tokens, self._delivered(), emit.prompt_estimated
                     )
-                ctx.metrics.requests["cancelled"] += 1
+                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_TIMEOUT_S):
+                    await ctx.accounting.request_finished(session, request_id, final_usage)
+                ctx.metrics.requests[final_usage.finish_reason] += 1
 
     async def _encrypting_sender(
         self, receive_channel: trio.MemoryReceiveChannel[Piece], scope: trio.CancelScope
@@ -453,6 +463,7 @@ class ConnectionDriver(StreamingDriver):
             **extra,
         )
         self._hold_timer_running = False
+        self._stream_end: OutboundMessage | None = None
 
     # -------------------------------------------------------------- hooks
 
@@ -482,6 +493,24 @@ class ConnectionDriver(StreamingDriver):
     async def _after_request(self) -> None:
         await self._release_held()
 
+    async def _before_accounting(
+        self, finish: str, prompt_tokens: int, delivered: int, error: NodeError | None
+    ) -> None:
+        # The closing frames that carry no usage (the final chunk, the encrypted finish
+        # reason) go at once; stream_end, which reports the usage, only once the ledger
+        # has committed it. Under load many requests end in one group commit: each then
+        # has one frame left to send, not three. The request stays the active one (a new
+        # prompt meanwhile is REQUEST_IN_PROGRESS) until its stream_end is written.
+        state = self.state
+        self._stream_end = None
+        if error is not None or state.active is None:
+            return
+        *early, self._stream_end = state.finish(
+            finish, prompt_tokens=prompt_tokens, completion_tokens=delivered, hold=True
+        )
+        for frame in early:
+            await self._send(frame)
+
     async def _end_request(
         self, finish: str, prompt_tokens: int, delivered: int, error: NodeError | None
     ) -> None:
@@ -491,11 +520,11 @@ class ConnectionDriver(StreamingDriver):
                 _wire_error(error), prompt_tokens=prompt_tokens, completion_tokens=delivered
             )
             await self._execute(actions)
-        else:
-            for frame in state.finish(
-                finish, prompt_tokens=prompt_tokens, completion_tokens=delivered
-            ):
-                await self._send(frame)
+            return
+        stream_end, self._stream_end = self._stream_end, None
+        if stream_end is not None:  # built (and held) by _before_accounting
+            await self._send(stream_end)
+        state.release()
 
     # ------------------------------------------------------------------ main
 

@@ -188,6 +188,22 @@ def test_wipe_zeroes_the_bytearray() -> None:
     assert len(secret) == 32
 
 
+def test_wipe_overwrites_the_same_storage() -> None:
+    """The zeros land in the memory that held the secret (no reallocation that would leave
+    the old bytes behind in freed memory), also while a view of it is alive."""
+    import ctypes
+
+    secret = SecretBytes(SECRET)
+    buffer = secret.buffer_for_tests()
+    view = memoryview(buffer)
+    address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    secret.wipe()
+    assert ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer)) == address
+    assert ctypes.string_at(address, 32) == bytes(32)
+    assert view.tobytes() == bytes(32)
+    view.release()
+
+
 def test_context_manager_wipes_even_on_error() -> None:
     with SecretBytes(SECRET) as secret:
         buffer = secret.buffer_for_tests()

@@ -6,13 +6,18 @@ import hashlib
 
 import pytest
 from coincurve import PrivateKey
+from Crypto.Hash import keccak
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import to_checksum_address as eth_checksum
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.crypto import HostKey, SecretBytes, aead, derive_shared_key
 from node.crypto.curve import (
     address_of,
+    address_of_uncompressed,
+    compress_sec1,
     e2ee_v1_digest,
     ecdh_x,
     eip191_digest,
@@ -107,6 +112,46 @@ def test_address_matches_eth_account(seed: int) -> None:
 @pytest.mark.parametrize("raw", [bytes(20), b"\xff" * 20, bytes(range(20)), b"\xab" * 20])
 def test_checksum_matches_eth_utils(raw: bytes) -> None:
     assert to_checksum_address(raw) == eth_checksum("0x" + raw.hex())
+
+
+@settings(max_examples=300)
+@given(raw=st.binary(min_size=20, max_size=20))
+def test_checksum_matches_eth_utils_everywhere(raw: bytes) -> None:
+    assert to_checksum_address(raw) == eth_checksum("0x" + raw.hex())
+
+
+@pytest.mark.parametrize("size", [19, 21, 0])
+def test_checksum_needs_20_bytes(size: int) -> None:
+    with pytest.raises(ValueError, match="20 bytes"):
+        to_checksum_address(bytes(size))
+
+
+@settings(max_examples=200)
+@given(data=st.binary(max_size=400))
+def test_keccak256_matches_pycryptodome(data: bytes) -> None:
+    """The reused per-thread state gives the library's digest for any length (several
+    blocks of 136 bytes too), and for bytearray input."""
+    expected = keccak.new(digest_bits=256, data=data).digest()
+    assert keccak256(data) == expected
+    assert keccak256(bytearray(data)) == expected
+    assert keccak256(data) == expected  # the state was reset, not carried over
+
+
+def test_keccak256_per_thread() -> None:
+    import threading
+
+    got: list[bytes] = []
+    worker = threading.Thread(target=lambda: got.append(keccak256(b"abc")))
+    worker.start()
+    worker.join()
+    assert got == [keccak.new(digest_bits=256, data=b"abc").digest()] == [keccak256(b"abc")]
+
+
+def test_address_helpers_agree() -> None:
+    full = KEY.public_key.format(compressed=False)
+    assert compress_sec1(full) == KEY.public_key.format(compressed=True)
+    assert address_of_uncompressed(full) == address_of(KEY.public_key)
+    assert address_of(KEY.public_key) == Account.from_key(KEY.secret).address
 
 
 def test_keccak256_known_answer() -> None:

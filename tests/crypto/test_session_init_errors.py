@@ -410,6 +410,42 @@ def test_signature_by_another_key_than_recovery_key() -> None:
     assert "recoveryPublicKey" in error.message
 
 
+def _signer_forms() -> dict[str, str]:
+    full = CLIENT.public_key.format(compressed=False)
+    return {
+        "hybrid": bytes((6 | (full[64] & 1),)).hex() + full[1:].hex(),
+        "33-bytes-04": "04" + full[1:33].hex(),
+        "wrong-parity": bytes((5 - (2 | (full[64] & 1)),)).hex() + full[1:33].hex(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("form", "code"),
+    [
+        ("hybrid", ErrorCode.INVALID_SESSION_DATA),
+        ("33-bytes-04", ErrorCode.INVALID_SESSION_DATA),
+        ("wrong-parity", ErrorCode.INVALID_SIGNATURE),  # a valid point: -P, not the signer
+    ],
+)
+def test_recovery_key_must_be_the_signer_in_a_valid_encoding(form: str, code: ErrorCode) -> None:
+    """The recovery key is checked by comparing it with the recovered signer; encodings
+    of the signer's x that are not a valid SEC1 key of that point are still refused."""
+    expect(code, _plain(session(recoveryPublicKey=_signer_forms()[form])))
+
+
+def test_uncompressed_recovery_key_of_another_client() -> None:
+    other = OTHER.public_key.format(compressed=False).hex()
+    error = expect(ErrorCode.INVALID_SIGNATURE, _plain(session(recoveryPublicKey=other)))
+    assert "recoveryPublicKey" in error.message
+
+
+@pytest.mark.parametrize("recovery", ["04" + "11" * 64, "02" + "00" * 31 + "05"])
+def test_invalid_recovery_key_reported_before_a_bad_signature(recovery: str) -> None:
+    frame = Frame(plaintext=session(recoveryPublicKey=recovery))
+    error = expect(ErrorCode.INVALID_SESSION_DATA, edited(_high_s, frame))
+    assert "recoveryPublicKey" in error.message
+
+
 def test_without_recovery_key_the_signer_is_the_client() -> None:
     frame = Frame(plaintext=session(recoveryPublicKey=DELETE), signer=OTHER)
     data = open_payload(frame.payload())

@@ -351,3 +351,43 @@ async def test_unloadable_model_file(tmp_path: Path) -> None:
     assert not await llama.ready()
     with pytest.raises(InferenceFailed, match="could not load"):
         await llama.generate(greedy(), Recorder())
+
+
+async def test_greedy_text_is_byte_identical_to_llama_cpp_alone(backend: LlamaBackend) -> None:
+    """Through the hand-off buffer the node streams exactly what llama-cpp-python alone
+    generates greedily: the bare loop (chat template, tokenize, generate at temperature 0,
+    detokenize per token, stop at end-of-generation) run on a second instance of the model."""
+    import llama_cpp
+
+    prompt = "Write a short story about a lighthouse keeper."
+    max_tokens = 64
+    out = Recorder()
+    result = await out.run(backend, greedy(prompt, max_tokens=max_tokens))
+
+    def direct() -> bytes:
+        path = find_packaged_model()
+        assert path is not None
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False
+        )
+        try:
+            formatter = backend._formatter
+            rendered = formatter(messages=[{"role": "user", "content": prompt}])
+            ids = llm.tokenize(
+                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+            )
+            text = bytearray()
+            for count, token in enumerate(llm.generate(ids, temp=0.0, reset=True), 1):
+                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                    break
+                text += llm.detokenize([token])
+                if count >= max_tokens:
+                    break
+            return bytes(text)
+        finally:
+            llm.close()
+
+    expected = await trio.to_thread.run_sync(direct)
+    assert out.text.encode("utf-8") == expected
+    assert result.completion_tokens == sum(p.tokens for p in out.pieces)
+    assert len(out.pieces) > 1

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from node.protocol.messages import (
     ChunkPayload,
     EncryptedChunk,
+    SessionInitAck,
     StreamChunk,
     encode,
     encode_generic,
@@ -44,6 +45,31 @@ def test_encrypted_chunk_fast_path_matches(
     text = encode(frame)
     assert text == encode_generic(frame)
     assert json.loads(text)["payload"]["ciphertextHex"] == ciphertext.hex()
+
+
+@given(
+    session_id=st.integers(0, 2**64).map(str),
+    job_id=st.none() | st.integers(0, 10**78 - 1),
+    chain_id=st.integers(1, 2**63 - 1),
+    message=st.text(max_size=60),
+    address=st.none() | st.text(max_size=42),
+    request_id=ids,
+    status=st.sampled_from(["success", "ok"]),
+)
+def test_session_init_ack_fast_path_matches(
+    session_id: str,
+    job_id: int | None,
+    chain_id: int,
+    message: str,
+    address: str | None,
+    request_id: str | int | None,
+    status: str,
+) -> None:
+    ack = SessionInitAck(session_id, job_id, chain_id, message, address, request_id, status)
+    text = encode(ack)
+    assert text == encode_generic(ack)
+    assert text.isascii()
+    assert json.loads(text)["job_id"] == job_id
 
 
 @given(
