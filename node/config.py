@@ -31,6 +31,9 @@ class NodeConfig:
     replay_window_s: float = attrs.field(
         default=attrs.Factory(lambda self: max(900.0, self.session_ttl_s), takes_self=True)
     )
+    # Entries the init replay cache holds; an encrypted init records two. When it is full
+    # of entries inside the window, new inits get RATE_LIMITED (see docs/DEPLOYMENT.md).
+    replay_cache_entries: int = 1_000_000
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
     shutdown_grace_s: float = 5.0

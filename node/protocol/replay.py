@@ -13,6 +13,14 @@ from node.crypto.errors import ErrorCode
 
 #: Entries a cache holds unless told otherwise (``--replay-cache-entries``).
 DEFAULT_MAX_ENTRIES: Final = 1_000_000
+#: Entries an encrypted init records: its digest and its session key's fingerprint.
+ENTRIES_PER_INIT: Final = 2
+
+
+def init_capacity(max_entries: int, window_s: float) -> float:
+    """New encrypted inits per second, on average, that a cache of ``max_entries`` takes
+    over a window of ``window_s`` before it is full (then inits get ``RATE_LIMITED``)."""
+    return max_entries / ENTRIES_PER_INIT / window_s
 
 
 @attrs.frozen(slots=True)
