@@ -17,6 +17,7 @@ from node.protocol.storage import LEDGER, REPLAY_CACHE
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
 from node.server.driver_v2 import ConnectionDriverV2
+from node.server.ephemeral import EphemeralKeys
 from node.server.http import (
     HttpError,
     HttpRequest,
@@ -300,8 +301,31 @@ class NodeServer:
         ctx = self.ctx
         if listeners is None:
             listeners = await open_listeners(ctx.config.host, ctx.config.port)
+        # v2's pre-generated ephemeral keys: refilled while serving, wiped when it ends
+        pool = ctx.ephemeral_keys
+        own = pool is None and "v2" in ctx.protocols()
+        if own:
+            pool = ctx.ephemeral_keys = EphemeralKeys(rng=ctx.rng)
+        try:
+            await self._serve(shutdown, listeners, pool, task_status)
+        finally:
+            if pool is not None:
+                pool.wipe()  # run() wipes it too; this covers a start that failed
+            if own:
+                ctx.ephemeral_keys = None
+
+    async def _serve(
+        self,
+        shutdown: trio.Event,
+        listeners: list[trio.SocketListener],
+        pool: EphemeralKeys | None,
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
+    ) -> None:
+        ctx = self.ctx
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptor:
+                if pool is not None:
+                    acceptor.start_soon(pool.run)
                 acceptor.start_soon(
                     partial(
                         trio.serve_listeners,

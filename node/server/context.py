@@ -15,6 +15,7 @@ from node.protocol.connection import ProtocolConfig, Session
 from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.replay import ReplayCache
 from node.protocol.storage import StorageHealth
+from node.server.ephemeral import EphemeralKeys
 from node.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class NodeContext:
     accounting: Accounting = attrs.field(factory=NoAccounting)
     clock: Callable[[], float] = trio.current_time
     rng: Callable[[int], bytes] | None = None
+    # pre-generated v2 ephemeral keys; NodeServer.serve creates and runs it when v2 is on
+    ephemeral_keys: EphemeralKeys | None = None
     drivers: set[StreamingDriver] = attrs.field(factory=set)
     shutting_down: bool = False
     backend_loading: bool = False  # the startup load of the backend is running
