@@ -6,7 +6,9 @@ node after a restart, would find an empty cache. This one keeps the same 32-byte
 in a small SQLite file beside the ledger (WAL, ``synchronous=NORMAL``: no fsync per insert,
 so an init costs tens of microseconds more; a power cut may lose the last moments of it,
 a crash of the process does not). Inserts are atomic across processes: of two workers
-that see the same init, exactly one succeeds. Times are wall-clock seconds, because
+that see the same init, exactly one succeeds. An encrypted init records its two entries
+with :meth:`SqliteReplayCache.add_all`: one transaction and one commit, and either both
+entries are recorded or neither. Times are wall-clock seconds, because
 monotonic clocks are per process.
 
 Cost per init stays flat however large the cache is. The number of entries is kept by
