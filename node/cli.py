@@ -233,7 +233,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--replay-cache-entries",
         "entries the init replay cache holds (2 per encrypted init); when full, new inits "
         "get RATE_LIMITED",
-        1_000_000,
+        4_000_000,
         type=_positive_int,
     )
     add("--max-errors", "error frames before a connection is closed", 10, type=_positive_int)

@@ -33,7 +33,7 @@ class NodeConfig:
     )
     # Entries the init replay cache holds; an encrypted init records two. When it is full
     # of entries inside the window, new inits get RATE_LIMITED (see docs/DEPLOYMENT.md).
-    replay_cache_entries: int = 1_000_000
+    replay_cache_entries: int = 4_000_000
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
     shutdown_grace_s: float = 5.0

@@ -327,7 +327,7 @@ def test_settings_from_the_environment_can_travel_to_workers(
 def test_replay_cache_entries_from_flag_and_environment(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _serve_config().replay_cache_entries == 1_000_000
+    assert _serve_config().replay_cache_entries == 4_000_000
     clean_env.setenv("LLM_NODE_REPLAY_CACHE_ENTRIES", "20000000")
     assert _serve_config().replay_cache_entries == 20_000_000
     assert _serve_config("--replay-cache-entries", "3").replay_cache_entries == 3
@@ -338,8 +338,8 @@ def test_replay_cache_entries_from_flag_and_environment(
 def test_a_replay_cache_too_small_for_its_window_is_warned_about() -> None:
     from node.serve import replay_capacity_warning
 
-    default = NodeConfig()  # 1,000,000 entries, 86,400 s: 5.79 inits/s
-    warning = replay_capacity_warning(default)
+    assert replay_capacity_warning(NodeConfig()) is None  # 4,000,000 entries, 24 h: 23.1/s
+    warning = replay_capacity_warning(NodeConfig(replay_cache_entries=1_000_000))
     assert warning is not None
     assert "only 5.79 new encrypted sessions per second" in warning
     assert "--replay-cache-entries" in warning
