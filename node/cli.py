@@ -229,6 +229,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_positive_float)  # fmt: skip
     add("--replay-window", "seconds an accepted init is remembered (unset: the session TTL)",
         type=_positive_float)  # fmt: skip
+    add(
+        "--replay-cache-entries",
+        "entries the init replay cache holds (2 per encrypted init); when full, new inits "
+        "get RATE_LIMITED",
+        4_000_000,
+        type=_positive_int,
+    )
     add("--max-errors", "error frames before a connection is closed", 10, type=_positive_int)
     add(
         "--allowed-clients",
@@ -445,6 +452,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         replay_window_s=(
             args.replay_window if args.replay_window is not None else args.session_ttl
         ),
+        replay_cache_entries=args.replay_cache_entries,
         max_errors=args.max_errors,
         allowed_clients=allowed,
         trusted_proxies=proxies,

@@ -33,6 +33,9 @@ class NodeConfig:
     replay_window_s: float = attrs.field(
         default=attrs.Factory(lambda self: max(900.0, self.session_ttl_s), takes_self=True)
     )
+    # Entries the init replay cache holds; an encrypted init records two. When it is full
+    # of entries inside the window, new inits get RATE_LIMITED (see docs/DEPLOYMENT.md).
+    replay_cache_entries: int = 4_000_000
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
     # With allowed_clients set, plaintext sessions (which prove no address) are refused

@@ -468,23 +468,22 @@ class ConnectionState:
                     f"client {data.client_address} is not allowed on this node",
                 )
             self._take_address_allowance("client", data.client_address.lower())
-            if not self.replay_cache.has_room():
-                raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
-                )
-            if not self.replay_cache.add(payload.replay_key()):
-                raise ProtocolError(
-                    ErrorCode.REPLAY_DETECTED, "this session init was already used (replay)"
-                )
             # A session key serves one init only: a second init with it would restart the
             # message counter at 0 under the same key, so recorded messages would be
-            # accepted again. The cache keeps a keyed fingerprint, never the key.
+            # accepted again. The cache keeps a keyed fingerprint, never the key. Both
+            # entries are recorded together or not at all, in one call (one transaction in
+            # the shared file).
             fingerprint = SESSION_KEY_ENTRY + self.host_key.fingerprint(data.session_key)
-            if not self.replay_cache.has_room():
-                raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
-                )
-            if not self.replay_cache.add(fingerprint):
+            refusal = self.replay_cache.add_all((payload.replay_key(), fingerprint))
+            if refusal is not None:
+                if refusal.code is ErrorCode.RATE_LIMITED:
+                    raise ProtocolError(
+                        ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
+                    )
+                if refusal.index == 0:
+                    raise ProtocolError(
+                        ErrorCode.REPLAY_DETECTED, "this session init was already used (replay)"
+                    )
                 raise ProtocolError(
                     ErrorCode.REPLAY_DETECTED,
                     "this session key was already used by an earlier init; take a fresh "
