@@ -11,7 +11,7 @@ from typing import Any
 
 from node import __version__
 from node.client.cli import add_chat_command
-from node.config import NodeConfig
+from node.config import NodeConfig, normalize_origin
 from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import ENV_VAR, HostKey
 from node.inference.factory import parse_model_map
@@ -230,10 +230,42 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_positive_float)  # fmt: skip
     add("--replay-window", "seconds an accepted init is remembered (unset: the session TTL)",
         type=_positive_float)  # fmt: skip
+    add(
+        "--replay-cache-entries",
+        "entries the init replay cache holds (2 per encrypted init); when full, new inits "
+        "get RATE_LIMITED",
+        4_000_000,
+        type=_positive_int,
+    )
     add("--max-errors", "error frames before a connection is closed", 10, type=_positive_int)
     add(
         "--allowed-clients",
         "comma-separated client addresses allowed to open encrypted sessions",
+    )
+    add(
+        "--allow-plaintext-with-allowlist",
+        "with --allowed-clients, still serve plaintext sessions (they prove no address)",
+        False,
+        action=Switch,
+    )
+    add(
+        "--allowed-origins",
+        "comma-separated browser origins that may open /v1/ws and /v2/ws (* for any); "
+        "unset: none when listening on loopback, any otherwise",
+    )
+    add(
+        "--v1-challenge",
+        "answer POST /v1/auth/challenge; --no-v1-challenge turns it off (403) and clients "
+        "must pin the host key",
+        True,
+        action=Switch,
+    )
+    add(
+        "--max-session-bytes",
+        "client session data the node holds at once, all connections together; more gets "
+        "RATE_LIMITED",
+        67108864,
+        type=_positive_int,
     )
     add(
         "--trusted-proxies",
@@ -389,6 +421,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     args = argparse.Namespace(
         **{k: str(v) if isinstance(v, FromEnv) else v for k, v in vars(args).items()}
     )
+    origins = None
+    if args.allowed_origins:
+        origins = frozenset(
+            normalize_origin(o) for o in args.allowed_origins.split(",") if o.strip()
+        )
     return NodeConfig(
         host=args.host,
         port=args.port,
@@ -416,9 +453,14 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         replay_window_s=(
             args.replay_window if args.replay_window is not None else args.session_ttl
         ),
+        replay_cache_entries=args.replay_cache_entries,
         max_errors=args.max_errors,
         allowed_clients=allowed,
         trusted_proxies=proxies,
+        allow_plaintext_with_allowlist=args.allow_plaintext_with_allowlist,
+        allowed_origins=origins,
+        v1_challenge=args.v1_challenge,
+        max_session_bytes=args.max_session_bytes,
         ledger_path=args.ledger,
         protocols=protocols,
         workers=args.workers,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import attrs
 
 from node.protocol.storage import LedgerPolicy
@@ -31,8 +33,19 @@ class NodeConfig:
     replay_window_s: float = attrs.field(
         default=attrs.Factory(lambda self: max(900.0, self.session_ttl_s), takes_self=True)
     )
+    # Entries the init replay cache holds; an encrypted init records two. When it is full
+    # of entries inside the window, new inits get RATE_LIMITED (see docs/DEPLOYMENT.md).
+    replay_cache_entries: int = 4_000_000
     max_errors: int = 10
     allowed_clients: frozenset[str] | None = None
+    # With allowed_clients set, plaintext sessions (which prove no address) are refused
+    # unless this is on.
+    allow_plaintext_with_allowlist: bool = False
+    # Browser origins that may open /v1/ws (lowercase, no trailing slash; "*" = any).
+    # None: any origin on a public address, none on a loopback one (see origin_allowed).
+    allowed_origins: frozenset[str] | None = None
+    v1_challenge: bool = True  # POST /v1/auth/challenge answers (off: 403)
+    max_session_bytes: int = 64 * 1024 * 1024  # client session data held, all connections
     shutdown_grace_s: float = 5.0
     max_sessions: int = 64  # sessions one connection may hold at once
     init_burst: int = 10  # session inits (either mode) a connection may send at once ...
@@ -53,3 +66,18 @@ class NodeConfig:
     # New sessions per network address and per client address, node-wide (0: no limit).
     address_init_burst: int = 60
     address_init_rate: float = 5.0
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` (a listening address) is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_origin(text: str) -> str:
+    """An origin as compared: lowercase, surrounding space and a trailing slash dropped."""
+    return text.strip().rstrip("/").lower()

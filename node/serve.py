@@ -30,6 +30,7 @@ from node.crypto.errors import HostKeyError
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend
 from node.inference.factory import create_backend
+from node.protocol.replay import init_capacity
 from node.protocol.storage import StorageHealth
 from node.server.app import NodeServer, open_listeners
 from node.server.context import NodeContext
@@ -43,6 +44,8 @@ log = logging.getLogger("node")
 
 GC_GEN0_THRESHOLD = 20_000
 LISTEN_BACKLOG = 1024
+# Below this many new encrypted inits per second of replay-cache capacity, warn at start.
+MIN_INIT_CAPACITY = 10.0
 METRICS_REFRESH_S = 1.0
 # Supervision of --workers: a worker that dies is started again after a delay that
 # doubles with each restart inside the window; more than the limit inside the window
@@ -101,6 +104,29 @@ async def run_node(
         await _run_node(config, host_key, backend, signals, listen_socket)
 
 
+def open_replay_cache(config: NodeConfig, health: StorageHealth | None = None) -> SqliteReplayCache:
+    """The replay cache file beside the ledger, shared by every worker."""
+    return SqliteReplayCache(
+        ledger_path(config).with_name("replay-cache.sqlite3"),
+        window_s=config.replay_window_s,
+        max_entries=config.replay_cache_entries,
+        health=health,
+    )
+
+
+def replay_capacity_warning(config: NodeConfig) -> str | None:
+    """What to log at start when the replay cache fills below MIN_INIT_CAPACITY inits/s."""
+    capacity = init_capacity(config.replay_cache_entries, config.replay_window_s)
+    if capacity >= MIN_INIT_CAPACITY:
+        return None
+    return (
+        f"the replay cache holds {config.replay_cache_entries} entries for a "
+        f"{config.replay_window_s:g} s window: on average only {capacity:.2f} new encrypted "
+        "sessions per second (2 entries each) before it is full and new inits get "
+        "RATE_LIMITED; raise --replay-cache-entries (or lower --replay-window)"
+    )
+
+
 async def _run_node(
     config: NodeConfig,
     host_key: HostKey | None,
@@ -116,13 +142,18 @@ async def _run_node(
             "eavesdropper can be replayed once the window has passed",
             extra={"replay_window": config.replay_window_s, "session_ttl": config.session_ttl_s},
         )
+    warning = replay_capacity_warning(config)
+    if warning is not None:
+        log.warning(
+            warning,
+            extra={
+                "replay_cache_entries": config.replay_cache_entries,
+                "replay_window": config.replay_window_s,
+            },
+        )
     try:
         # Shared by every worker and kept across restarts: a file beside the ledger.
-        replay = SqliteReplayCache(
-            ledger_path(config).with_name("replay-cache.sqlite3"),
-            window_s=config.replay_window_s,
-            health=storage,
-        )
+        replay = open_replay_cache(config, storage)
     except BaseException:
         await accounting.aclose()
         raise
@@ -476,9 +507,7 @@ def _serve_workers(config: NodeConfig) -> int:
     # worker can open a session of its own; the workers then skip that step.
     try:
         Ledger.open(ledger_path(config), host_key=host_key).close()
-        SqliteReplayCache(
-            ledger_path(config).with_name("replay-cache.sqlite3"), window_s=config.replay_window_s
-        ).close()
+        open_replay_cache(config).close()
     except LedgerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

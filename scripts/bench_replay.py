@@ -18,6 +18,12 @@ Scenarios, each over ``--inits`` inits on a file of ``--rows`` live entries:
   so the earlier code purged and counted once a simulated second;
 - ``expiring``: as steady, but a tenth of the rows fall out of the window at once.
 
+An encrypted init records two entries (its digest and the session key's fingerprint).
+The second table times that, in the steady scenario: ``two calls`` is ``has_room()`` +
+``add()`` twice (two commits, as the node did before ``add_all``), ``add_all`` is one
+transaction for both (as it does now). The two run in alternating order on fresh copies
+of the same file (A B B A), and the ratio is of the medians of all their inits.
+
     .venv/bin/python scripts/bench_replay.py [--rows 1000000] [--inits 3000] [--json PATH]
 
 Prints a table of per-init microseconds (median, p99, max) and writes the figures as JSON.
@@ -168,6 +174,37 @@ def run(
     }
 
 
+def two_calls(cache: SqliteReplayCache, keys: tuple[bytes, bytes]) -> bool:
+    init, key = keys
+    return cache.has_room() and cache.add(init) and cache.has_room() and cache.add(key)
+
+
+def add_all(cache: SqliteReplayCache, keys: tuple[bytes, bytes]) -> bool:
+    return cache.add_all(keys) is None
+
+
+def run_pairs(
+    record: Callable[[SqliteReplayCache, tuple[bytes, bytes]], bool],
+    path: Path,
+    rows: int,
+    inits: int,
+) -> list[float]:
+    clock = Clock()
+    cache = SqliteReplayCache(path, window_s=WINDOW_S, max_entries=rows * 2, clock=clock)
+    times: list[float] = []
+    try:
+        for i in range(inits):
+            clock.now += 1 / RATE
+            keys = (os.urandom(32) + i.to_bytes(4, "big"), b"session-key|" + os.urandom(32))
+            started = time.perf_counter()
+            if not record(cache, keys):
+                raise RuntimeError("an init pair was refused")
+            times.append((time.perf_counter() - started) * 1e6)
+    finally:
+        cache.close()
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -200,6 +237,28 @@ def main() -> int:
                 for suffix in ("", "-wal", "-shm"):
                     Path(str(path) + suffix).unlink(missing_ok=True)
             template.unlink()
+        template = Path(tmp) / "pairs.sqlite3"
+        build(template, args.rows)
+        pair_times: dict[str, list[float]] = {"two calls": [], "add_all": []}
+        for name in ("two calls", "add_all", "add_all", "two calls"):
+            path = Path(tmp) / "pairs-run.sqlite3"
+            shutil.copyfile(template, path)
+            record = two_calls if name == "two calls" else add_all
+            pair_times[name] += run_pairs(record, path, args.rows, args.inits)
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
+    pairs: dict[str, dict[str, float]] = {}
+    for name, times in pair_times.items():
+        times.sort()
+        pairs[name] = {
+            "median_us": round(statistics.median(times), 1),
+            "p99_us": round(times[int(len(times) * 0.99) - 1], 1),
+            "mean_us": round(statistics.fmean(times), 1),
+        }
+    results["init_pairs"] = pairs
+    results["init_pairs_ratio"] = round(
+        pairs["add_all"]["median_us"] / pairs["two calls"]["median_us"], 3
+    )
     print(f"replay cache, {args.rows:,} entries, {args.inits:,} inits per run (us per init)")
     print(
         f"{'scenario':<10} {'impl':<7} {'median':>9} {'p99':>9} {'max':>10} {'mean':>9} "
@@ -211,6 +270,11 @@ def main() -> int:
                 f"{scenario:<10} {name:<7} {f['median_us']:>9} {f['p99_us']:>9} "
                 f"{f['max_us']:>10} {f['mean_us']:>9} {f['open_ms']:>8} {f['accepted']:>8}"
             )
+    print(f"\nan init's two entries, steady scenario, {2 * args.inits:,} inits each (us per init)")
+    print(f"{'impl':<10} {'median':>9} {'p99':>9} {'mean':>9}")
+    for name, f in pairs.items():
+        print(f"{name:<10} {f['median_us']:>9} {f['p99_us']:>9} {f['mean_us']:>9}")
+    print(f"add_all / two calls (medians): {results['init_pairs_ratio']}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

@@ -12,7 +12,10 @@ protocol's keys, random JSON, random text and binary frames, deep nesting, huge 
 and genuine encrypted inits and messages with their own mutations and replays),
 reconnecting whenever the node closes one (10 errors -> 1008, a frame over 1 MiB ->
 1009). After each batch a ping must be answered within ``--pong-timeout`` seconds, or it
-counts as a hang.
+counts as a hang. Among the frames are the shapes of ``tests/security/_adversarial.py``
+(input that once made a parser quadratic); after the fuzzing, each shape is sent at 200,000
+and 800,000 characters and the node's answer times compared: more than 8 times as long for 4 times
+the input fails the run (a linear parser takes about 4 times as long).
 
 Every frame the node sends is checked: UTF-8 JSON object, known type, errors with a code
 from ``ErrorCode`` and a message; encrypted chunks for our own sessions must open under one
@@ -51,6 +54,7 @@ from node.crypto import aead  # noqa: E402
 from node.crypto.errors import DecryptionFailed, ErrorCode  # noqa: E402
 from node.crypto.hostkey import HostKey  # noqa: E402
 from node.crypto.session_init import seal_session_init  # noqa: E402
+from tests.security._adversarial import SHAPES  # noqa: E402
 
 VECTORS = REPO / "tests" / "vectors" / "sdk" / "session_init_dev.json"
 HOSTILE_MODELS = (
@@ -112,6 +116,13 @@ PAYLOAD_KEYS = [
 ]
 MAX_FRAME = 1 << 20
 SAMPLES_KEPT = 10
+# The linearity probe: each adversarial shape at PROBE_SIZE and 4 * PROBE_SIZE characters;
+# a node whose answer takes more than GROWTH_FACTOR times as long for the larger one (a
+# linear parser: about 4, a quadratic one: 16) fails the run; the allowance grows with
+# what a plain padded ping of those sizes shows (see growth_allowed).
+PROBE_SIZE = 200_000
+GROWTH_FACTOR = 8.0
+PROBE_ROUNDS = 5
 
 
 # ---------------------------------------------------------------------- results
@@ -140,6 +151,8 @@ class Results:
     rss_kib_before: dict[str, int] = field(default_factory=dict)
     rss_kib_after: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    # shape -> (best reply time at PROBE_SIZE, at 4 * PROBE_SIZE, their ratio)
+    growth: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def uncoded_reply(self, why: str, text: str | bytes) -> None:
         if len(self.uncoded) < SAMPLES_KEPT:
@@ -159,6 +172,7 @@ class Results:
             or self.final_session != "ok"
             or self.ledger_check != "ok"
             or self.session_keys_after != 0
+            or any(ratio > growth_allowed(self) for _, _, ratio in self.growth.values())
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -186,6 +200,10 @@ class Results:
             "rss_kib_before": self.rss_kib_before,
             "rss_kib_after": self.rss_kib_after,
             "elapsed_s": round(self.elapsed_s, 1),
+            "growth": {
+                name: {"small_s": round(a, 5), "large_s": round(b, 5), "ratio": round(r, 2)}
+                for name, (a, b, r) in self.growth.items()
+            },
             "failed": self.failed,
         }
 
@@ -217,6 +235,7 @@ class FrameMaker:
             ("random_binary", 6),
             ("bytes_as_text", 3),
             ("deep_nesting", 3),
+            ("adversarial", 2),
             ("big_value", 2),
             ("ping", 3),
             ("plaintext", 5),
@@ -329,6 +348,11 @@ class FrameMaker:
         opener, closer = self.rng.choice([("[", "]"), ('{"a":', "}")])
         inner = "1" if opener != "[" else ""
         return opener * n + inner + closer * n
+
+    def _adversarial(self, conv: Conversation) -> str:
+        """A shape that made a parser slow (quadratic) once; up to 256 KiB."""
+        name = self.rng.choice(sorted(SHAPES))
+        return SHAPES[name](self.rng.choice([1_000, 16_384, 65_536, 262_144]))
 
     def _big_value(self, conv: Conversation) -> str:
         r = self.rng
@@ -581,6 +605,38 @@ async def worker(
             return
 
 
+def _control(n: int) -> str:
+    """A valid ping padded to ``n`` characters: what any frame of that size costs."""
+    return '{"type":"ping","pad":"' + "a" * n + '"}'
+
+
+async def probe_growth(url: str, results: Results) -> None:
+    """Time the node's answer to each adversarial shape at two sizes (best of a few).
+
+    One connection per shape: refused frames count against its error budget (10). The
+    control (a padded ping) shows what 4 times the bytes cost on this machine anyway
+    (caches, copies); a shape is allowed GROWTH_FACTOR times that growth over 4."""
+    for name, make in [("control", _control), *sorted(SHAPES.items())]:
+        best: list[float] = []
+        async with nodeproc.websocket(url) as ws:
+            await ws.get_message()  # connected
+            for size in (PROBE_SIZE, 4 * PROBE_SIZE):
+                text = make(size)
+                times = []
+                for _ in range(PROBE_ROUNDS):
+                    started = time.perf_counter()
+                    await ws.send_message(text)
+                    await ws.get_message()  # an error, or the pong of a valid ping
+                    times.append(time.perf_counter() - started)
+                best.append(min(times))
+        results.growth[name] = (best[0], best[1], best[1] / max(best[0], 1e-6))
+
+
+def growth_allowed(results: Results) -> float:
+    control = results.growth.get("control")
+    return GROWTH_FACTOR * max(1.0, control[2] / 4.0 if control else 1.0)
+
+
 async def final_session(url: str, results: Results) -> None:
     prompt = "a well-behaved session after the fuzzing: " + " ".join(f"w{i}" for i in range(50))
     try:
@@ -666,6 +722,7 @@ async def run(args: argparse.Namespace) -> Results:
                     maker = FrameMaker(random.Random(args.seed * 1000 + i), host_public, sdk)
                     nursery.start_soon(worker, i, url, maker, budget, results, node, args)
             if node.alive:
+                await probe_growth(url, results)
                 await final_session(url, results)
                 results.session_keys_after = await nodeproc.wait_for_gauge(
                     url, "llm_node_session_keys", 0.0, within_s=10
@@ -708,6 +765,12 @@ def report(results: Results) -> str:
         f"node RSS (KiB)       before {r.rss_kib_before.get('VmRSS')}, after "
         f"{r.rss_kib_after.get('VmRSS')}, peak {r.rss_kib_after.get('VmHWM')}",
     ]
+    for name, (small, large, ratio) in sorted(r.growth.items()):
+        mark = "  ! " if ratio > growth_allowed(r) else ""
+        lines.append(
+            f"{mark}growth {name:32} {small * 1000:8.1f} ms -> {large * 1000:8.1f} ms "
+            f"(x{ratio:.1f} for 4x the size)"
+        )
     for sample in [*r.hangs[:SAMPLES_KEPT], *r.uncoded[:SAMPLES_KEPT]]:
         lines.append(f"  ! {sample}")
     lines.append("RESULT               " + ("FAIL" if r.failed else "PASS"))

@@ -64,7 +64,7 @@ from node.protocol.connection import (  # noqa: E402
     StartRequest,
 )
 from node.protocol.errors import ProtocolError  # noqa: E402
-from node.protocol.messages import Connected, decode, encode, request_id_of  # noqa: E402
+from node.protocol.messages import Connected, decode, encode  # noqa: E402
 from node.protocol.replay import InitReplayCache  # noqa: E402
 from node.protocol.storage import LEDGER, StorageHealth  # noqa: E402
 from node.server.app import NodeServer  # noqa: E402
@@ -187,7 +187,7 @@ class NodeSide:
         try:
             message = decode(text)
         except ProtocolError as exc:
-            return self._sends(self.state.reject(exc, request_id_of(text)))
+            return self._sends(self.state.reject(exc, exc.request_id))
         return self._sends(self.state.receive(message))
 
     def stream(self, pieces: list[Piece]) -> list[str]:

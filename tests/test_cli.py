@@ -322,3 +322,44 @@ def test_settings_from_the_environment_can_travel_to_workers(
     config = _serve_config()
     assert type(config.host) is str
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_replay_cache_entries_from_flag_and_environment(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _serve_config().replay_cache_entries == 4_000_000
+    clean_env.setenv("LLM_NODE_REPLAY_CACHE_ENTRIES", "20000000")
+    assert _serve_config().replay_cache_entries == 20_000_000
+    assert _serve_config("--replay-cache-entries", "3").replay_cache_entries == 3
+    clean_env.setenv("LLM_NODE_REPLAY_CACHE_ENTRIES", "0")
+    assert "LLM_NODE_REPLAY_CACHE_ENTRIES: '0' is not" in _serve_error(capsys)
+
+
+def test_a_replay_cache_too_small_for_its_window_is_warned_about() -> None:
+    from node.serve import replay_capacity_warning
+
+    assert replay_capacity_warning(NodeConfig()) is None  # 4,000,000 entries, 24 h: 23.1/s
+    warning = replay_capacity_warning(NodeConfig(replay_cache_entries=1_000_000))
+    assert warning is not None
+    assert "only 5.79 new encrypted sessions per second" in warning
+    assert "--replay-cache-entries" in warning
+    assert replay_capacity_warning(NodeConfig(replay_cache_entries=1_728_000)) is None  # 10/s
+    assert replay_capacity_warning(NodeConfig(replay_cache_entries=1_727_999)) is not None
+    assert replay_capacity_warning(NodeConfig(replay_window_s=900.0)) is None  # 555/s
+
+
+def test_the_node_opens_its_replay_cache_with_the_configured_size(tmp_path: Path) -> None:
+    from node.serve import open_replay_cache
+
+    config = NodeConfig(
+        ledger_path=str(tmp_path / "ledger.sqlite3"), replay_cache_entries=4, replay_window_s=60.0
+    )
+    cache = open_replay_cache(config)
+    try:
+        assert cache.path == tmp_path / "replay-cache.sqlite3"
+        assert (cache.max_entries, cache.window_s) == (4, 60.0)
+        assert cache.add_all((b"a", b"b")) is None
+        assert cache.add_all((b"c", b"d")) is None
+        assert cache.add_all((b"e", b"f")) is not None  # full at 4 entries
+    finally:
+        cache.close()

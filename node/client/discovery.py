@@ -175,6 +175,11 @@ async def _request_json(
             "the node has no host key (it serves plaintext clients only)",
             code="ENCRYPTION_NOT_SUPPORTED",
         )
+    if response.status_code == 403 and url.endswith("/v1/auth/challenge"):
+        raise ConnectFailed(
+            "the node has turned its host-key challenge off (--no-v1-challenge): get its "
+            "host public key from the operator and pin it (--host-pubkey)"
+        )
     if response.status_code != 200:
         raise ConnectFailed(f"{method} {url} answered HTTP {response.status_code}")
     try:

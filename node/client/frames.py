@@ -74,6 +74,10 @@ def _str(obj: Mapping[str, Any], name: str) -> str:
     value = obj.get(name)
     if not isinstance(value, str):
         raise _bad(f"{obj.get('type')} frame needs a string field {name!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        raise _bad(f"{obj.get('type')} frame field {name!r} is not valid Unicode text") from None
     return value
 
 

@@ -766,19 +766,20 @@ async def open_session(
 ) -> AsyncIterator[ClientSession]:
     """Connect to a node and open one session on it.
 
-    ``url`` is the node's HTTP base (``http://h:p``; the WebSocket is ``ws://h:p/v2/ws``
-    or ``ws://h:p/v1/ws``) or a ``ws://``/``wss://`` URL. ``protocol``: ``auto`` (the
-    default) speaks v2 when the node offers it and falls back to v1 with a warning;
-    ``v1`` or ``v2`` pins one (a session pinned to v2 never falls back; see
-    :func:`choose_protocol`). In encrypted mode (the default) the host key is
-    ``host_public_key`` or, when that is None, discovered with ``/v1/host-key`` and
-    confirmed with ``/v1/auth/challenge``; ``expected_host_address`` pins it.
-    ``client_key`` signs the init (a fresh random key when None). ``padding`` (v2 only)
-    asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
+    ``url`` is the node's HTTP base (``http://h:p``; the WebSocket is ``ws://h:p/v2/ws`` or
+    ``ws://h:p/v1/ws``) or a ``ws://``/``wss://`` URL. ``protocol``: ``auto`` (the default)
+    speaks v2 when the node offers it and falls back to v1 with a warning when it does not,
+    or when the ``/v2/ws`` upgrade is refused over HTTP (a proxy that only forwards
+    ``/v1/ws``), never after a failed v2 handshake; ``v1`` or ``v2`` pins one (a session
+    pinned to v2 never falls back; see :func:`choose_protocol`). In encrypted mode (the
+    default) the host key is ``host_public_key`` or, when that is None, discovered with
+    ``/v1/host-key`` and confirmed with ``/v1/auth/challenge``; ``expected_host_address``
+    pins it. ``client_key`` signs the init (a fresh random key when None). ``padding`` (v2
+    only) asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
     ``websocket`` is an already-open connection to use instead of connecting to ``url``
-    (custom transports, tests over memory streams); the caller stays responsible for
-    closing it. ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's
-    trust store; see :func:`~node.client.discovery.tls_context` for a private CA).
+    (custom transports, tests over memory streams); the caller stays responsible for closing
+    it. ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's trust store;
+    see :func:`~node.client.discovery.tls_context` for a private CA).
     """
     job_text = _decimal_text(job_id, "job_id")
     session_text = job_text if session_id is None else _decimal_text(session_id, "session_id")
@@ -807,13 +808,30 @@ async def open_session(
         else:
             host = identity_from_public_key(host_public_key, expected_address=expected_host_address)
     key = client_key if client_key is not None else random_client_key(rng)
+    # auto chose v2 because /v1/version listed it: if the upgrade itself is refused at
+    # the HTTP level (a proxy that only forwards /v1/ws), v1 is tried. Nothing else falls
+    # back: a v2 handshake that fails (wrong host key, tampering) is an error, never a
+    # reason to downgrade, or an attacker could force v1 at will.
+    may_fall_back = protocol == "auto" and chosen == "v2" and endpoint_protocol(url) is None
     async with AsyncExitStack() as stack:
         if websocket is not None:
             ws = websocket
         else:
-            ws = await _connect(
-                stack, ws_url, connect_timeout, ssl_context, pinned=protocol == chosen
-            )
+            try:
+                ws = await _connect(
+                    stack, ws_url, connect_timeout, ssl_context, pinned=protocol == chosen
+                )
+            except _UpgradeRefused as exc:
+                if not may_fall_back:
+                    raise
+                log.warning(
+                    "%s; falling back to protocol v1 (no forward secrecy, no authenticated "
+                    "end of answer); pin protocol v2 to refuse this",
+                    exc.message,
+                )
+                chosen = "v1"
+                ws_url = websocket_url(url, chosen)
+                ws = await _connect(stack, ws_url, connect_timeout, ssl_context)
         settings: dict[str, Any] = {
             "ws_url": ws_url,
             "host": host,
@@ -845,6 +863,11 @@ async def open_session(
         yield session
 
 
+class _UpgradeRefused(ConnectFailed):
+    """The WebSocket upgrade got an HTTP answer other than 101 (same code as
+    ConnectFailed; open_session tells it apart for auto's fallback)."""
+
+
 async def _connect(
     stack: AsyncExitStack,
     ws_url: str,
@@ -867,12 +890,13 @@ async def _connect(
             )
         )
     except ConnectionRejected as exc:
+        await _close_rejected(exc)
         if pinned and endpoint_protocol(ws_url) == "v2":
             raise DowngradeRefused(
                 f"the node refused protocol v2 at {ws_url} (HTTP {exc.status_code}); this "
                 "session is pinned to v2 and does not fall back to v1"
             ) from None
-        raise ConnectFailed(
+        raise _UpgradeRefused(
             f"the node refused the WebSocket upgrade at {ws_url} (HTTP {exc.status_code})"
         ) from None
     except HandshakeError as exc:
@@ -882,6 +906,24 @@ async def _connect(
         raise ConnectFailed(f"cannot connect to {ws_url}: {cause}") from None
     opened.append(ws)
     return ws
+
+
+async def _close_rejected(exc: ConnectionRejected) -> None:
+    """Close the TCP stream of an upgrade the server refused.
+
+    trio-websocket 0.12 raises ConnectionRejected from the connection's reader task and
+    never closes the stream it opened, so the socket waits for the garbage collector
+    (a ResourceWarning then). The connection is found in the exception's traceback.
+    """
+    tb = exc.__traceback__
+    for _ in range(200):  # bounded walk of the frames
+        if tb is None:
+            return
+        ws = tb.tb_frame.f_locals.get("self")
+        if isinstance(ws, WebSocketConnection):
+            await _close_transport([ws])
+            return
+        tb = tb.tb_next
 
 
 async def _close_transport(opened: list[WebSocketConnection]) -> None:

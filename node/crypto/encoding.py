@@ -48,8 +48,17 @@ def encode_hex(data: bytes | bytearray | memoryview) -> str:
 # ----------------------------------------------------------------- bounded JSON
 
 MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+# A JSON string, possibly unterminated. Once it has seen its opening quote this pattern
+# cannot fail: it ends at the closing quote or, for an unterminated string, at the end of
+# the text (a trailing lone backslash included), and its quantifiers are possessive. So a
+# substitution with it reads every character once; the old ``"(?:[^"\\]|\\.)*"`` failed
+# on each quote of ``"\\"\\"\\...`` after running to the end, and was tried again from the
+# next quote: quadratic.
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_SQUARE = str.maketrans("{}", "[]")
+_RUN = re.compile(r"\[++|\]++")
+_PAIR_PASSES = 8
 
 
 def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -57,21 +66,42 @@ def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
 
     The C JSON parser recurses once per level; a 1 MiB frame of ``[`` could exhaust the C
     stack when the interpreter's recursion limit has been raised (a segfault seen here),
-    so deep input is refused before parsing. Runs at C speed: strings are cut out, runs
-    of openers are looked for, then innermost pairs are removed level by level.
+    so deep input is refused before parsing.
+
+    Linear in ``len(text)``, every step at C speed but the last: two counts answer text
+    with at most ``limit`` brackets. Otherwise strings are cut out and everything but
+    brackets dropped (one pass each, see ``_JSON_STRING``), leaving a bracket string B
+    whose running depth is the JSON's. Removing every adjacent ``[]`` pair from B leaves
+    the running depth at every other position as it was and lowers the maximum by
+    exactly one (each deepest point sat inside such a pair), so after at most
+    ``_PAIR_PASSES`` such passes what is left is read run by run (a run of openers or of
+    closers at a time) for its maximum, minimum and final depth. Every nest still left
+    is deeper than the passes made, so it spans more than ``2 * _PAIR_PASSES``
+    brackets: the runs read are fewer than ``len(B) / _PAIR_PASSES``.
     """
     if text.count("[") + text.count("{") <= limit:
         return False
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    run = r"[\[{]" + f"{{{limit + 1}}}"
-    for _ in range(limit):
-        if re.search(run, brackets):
-            return True  # that many openers in a row is already too deep
-        shorter = brackets.replace("[]", "").replace("{}", "")
-        if shorter == brackets:
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).translate(_SQUARE)
+    removed = 0  # levels removed from every nest so far
+    while removed < min(_PAIR_PASSES, limit):
+        shorter = brackets.replace("[]", "")
+        if len(shorter) == len(brackets):
             break
         brackets = shorter
-    return bool(brackets)
+        removed += 1
+    allowed = limit - removed
+    depth = 0
+    for run in _RUN.finditer(brackets):
+        start, end = run.span()
+        if brackets[start] == "[":
+            depth += end - start
+            if depth > allowed:
+                return True
+        else:
+            depth -= end - start
+            if depth < 0:
+                return True  # a closer with nothing open: unbalanced
+    return depth != 0
 
 
 def bounded_loads(**kwargs: Any) -> Callable[[str], Any]:

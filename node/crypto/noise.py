@@ -19,9 +19,12 @@ Checked against the BOLT 8 Appendix A vectors and the cacophony and snow vectors
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
+import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, NoReturn, Protocol
 
@@ -414,13 +417,10 @@ class SymmetricState:
 
     __slots__ = ("cipher", "ck", "h")
 
-    def __init__(self, protocol_name: bytes) -> None:
-        if len(protocol_name) <= HASHLEN:
-            h = protocol_name + bytes(HASHLEN - len(protocol_name))
-        else:
-            h = hashlib.sha256(protocol_name).digest()
-        self.h = h
-        self.ck = SecretBytes(h)
+    def __init__(self, protocol_name: bytes, *, h: bytes | None = None) -> None:
+        ck = _name_hash(protocol_name)
+        self.h = ck if h is None else h
+        self.ck = SecretBytes(ck)
         self.cipher = CipherState()
 
     def mix_key(self, ikm: SecretBytes) -> None:
@@ -450,6 +450,26 @@ class SymmetricState:
     def wipe(self) -> None:
         self.ck.wipe()
         self.cipher.wipe()
+
+
+def _name_hash(protocol_name: bytes) -> bytes:
+    if len(protocol_name) <= HASHLEN:
+        return protocol_name + bytes(HASHLEN - len(protocol_name))
+    return hashlib.sha256(protocol_name).digest()
+
+
+@functools.lru_cache(maxsize=64)
+def _initial_h(protocol_name: bytes, prologue: bytes, pre_keys: tuple[bytes, ...]) -> bytes:
+    """``h`` after InitializeSymmetric, the prologue and the pre-message public keys.
+
+    Every input is public and the result is the same for every handshake of one node
+    (its host key is the only pre-message key), so it is computed once and cached; the
+    initial ``ck`` is the protocol name's hash and holds nothing secret either.
+    """
+    h = _name_hash(protocol_name)
+    for data in (prologue, *pre_keys):
+        h = hashlib.sha256(h + data).digest()
+    return h
 
 
 # ------------------------------------------------------------------ HandshakeState
@@ -501,8 +521,7 @@ class HandshakeState:
         self._failed = False
         self._result: tuple[SecretBytes, SecretBytes] | None = None
         self._final_ck: SecretBytes | None = None
-        self.symmetric = SymmetricState(self.protocol_name.encode("ascii"))
-        self.symmetric.mix_hash(prologue)
+        pre_keys: list[bytes] = []
         for owner_is_initiator, tokens in ((True, pre_i), (False, pre_r)):
             for step in tokens:
                 assert step == "s"
@@ -510,7 +529,9 @@ class HandshakeState:
                 key = (s.public if s is not None else None) if local else rs
                 if key is None:
                     raise ValueError("the pattern's pre-message needs a static public key")
-                self.symmetric.mix_hash(key)
+                pre_keys.append(bytes(key))
+        name = self.protocol_name.encode("ascii")
+        self.symmetric = SymmetricState(name, h=_initial_h(name, bytes(prologue), tuple(pre_keys)))
 
     # -------------------------------------------------------------- queries
 
@@ -677,3 +698,77 @@ class HandshakeState:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("HandshakeState cannot be pickled")
+
+
+# ------------------------------------------------------------------ ephemeral key pool
+
+
+class EphemeralPool:
+    """A bounded stock of fresh ephemeral key pairs, made before the handshakes need them.
+
+    Generating the responder's ephemeral key is one scalar multiplication; a node that
+    keeps a few ready (filled off the handshake path, e.g. in a worker thread) saves it on
+    each handshake. :meth:`take` removes the key it returns, so no key is handed out twice;
+    the handshake that gets it owns it and wipes it (``HandshakeState`` does). Keys wait
+    here in :class:`~node.crypto.secret.SecretBytes`; :meth:`wipe` zeroes every one still
+    held and closes the pool for good (:meth:`take` then returns None, :meth:`fill` adds
+    nothing). :meth:`fill` may run in another thread than :meth:`take`: a lock guards
+    the stock, and key generation happens outside it.
+    """
+
+    __slots__ = ("_closed", "_dh", "_keys", "_lock", "_rng", "size")
+
+    def __init__(self, size: int, *, dh: DHFunctions = SECP256K1, rng: Rng = os.urandom) -> None:
+        if size < 1:
+            raise ValueError("an ephemeral pool holds at least one key")
+        self.size = size
+        self._dh = dh
+        self._rng = rng
+        self._keys: deque[KeyPair] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def missing(self) -> int:
+        """How many keys :meth:`fill` would add now."""
+        return 0 if self._closed else self.size - len(self._keys)
+
+    def take(self) -> KeyPair | None:
+        """A fresh key pair, now the caller's to use once and wipe; None when empty."""
+        with self._lock:
+            return self._keys.popleft() if self._keys else None
+
+    def fill(self, max_new: int | None = None) -> int:
+        """Generate keys until the pool is full (or ``max_new`` were added); returns how
+        many were added. A key that finds the pool full or closed is wiped at once."""
+        added = 0
+        while (max_new is None or added < max_new) and self.missing > 0:
+            key = self._dh.generate_keypair(self._rng)
+            with self._lock:
+                if not self._closed and len(self._keys) < self.size:
+                    self._keys.append(key)
+                    added += 1
+                    continue
+            key.wipe()
+        return added
+
+    def wipe(self) -> None:
+        """Zero every pooled key and close the pool (safe to call twice)."""
+        with self._lock:
+            self._closed = True
+            keys, self._keys = self._keys, deque()
+        for key in keys:
+            key.wipe()
+
+    def __repr__(self) -> str:
+        return f"<EphemeralPool {len(self._keys)}/{self.size} keys=redacted>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("EphemeralPool cannot be pickled")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,6 +48,13 @@ from node.crypto.secret import SecretBytes, constant_time_equal
 ALG = "secp256k1-ecdh(ephemeral\u2192static)+hkdf(sha256)+xchacha20-poly1305"
 MAX_DECIMAL_DIGITS = 78  # enough for any uint256
 MAX_UINT256 = 2**256 - 1
+# What one session may carry (docs/API.md, "Limits"). The decrypted session data is
+# refused above MAX_SESSION_DATA_BYTES before it is decrypted (the ciphertext shows its
+# size), so parsing it costs little memory even for a shape like ``{},{},...`` that grows
+# about twenty-fold once parsed; what is kept is bounded per field.
+MAX_SESSION_DATA_BYTES = 16 * 1024
+MAX_MODEL_NAME_CHARS = 256
+MAX_VECTOR_DATABASE_BYTES = 8 * 1024
 
 
 @attrs.frozen
@@ -75,7 +83,12 @@ class InitPayload:
 
 @attrs.define(repr=False)
 class SessionData:
-    """What a successful init yields. ``session_key`` is wipeable and never printed."""
+    """What a successful init yields. ``session_key`` is wipeable and never printed.
+
+    ``vector_database_json`` is the client's ``vectorDatabase`` as compact ASCII JSON text
+    (at most ``MAX_VECTOR_DATABASE_BYTES``): kept as text, not as parsed objects, so what a
+    session holds is exactly what was counted against its limits.
+    """
 
     session_key: SecretBytes
     job_id: int
@@ -84,13 +97,25 @@ class SessionData:
     client_address: str
     client_public_key: bytes
     recovery_public_key: bytes | None
-    vector_database: dict[str, Any] | None
+    vector_database_json: str | None
+
+    @property
+    def vector_database(self) -> dict[str, Any] | None:
+        """The ``vectorDatabase`` object, parsed again from the kept text."""
+        return _vector_database(self.vector_database_json)
 
     def __repr__(self) -> str:
         return (
             f"SessionData(job_id={self.job_id}, model_name={self.model_name!r}, "
             f"client_address={self.client_address}, session_key=<redacted>)"
         )
+
+
+def _vector_database(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value: dict[str, Any] = loads_bounded(text)
+    return value
 
 
 def _required_str(payload: Mapping[str, Any], name: str) -> str:
@@ -159,16 +184,113 @@ def _parse_decimal(value: object, field: str) -> int:
     raise InvalidSessionData(f"{field} must be a decimal string or integer")
 
 
+# The tokens of JSON that matter for finding a top-level member: strings (possibly
+# unterminated; possessive, so linear, as in node.crypto.encoding) and punctuation.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)|[\[\]{}:,]', re.DOTALL)
+_KEY_HEX = re.compile(rb"(?:0[xX])?[0-9a-fA-F]{64}")
+_SESSION_KEY_NAME = b'"sessionKey"'
+_QUOTE, _COLON, _COMMA = 0x22, 0x3A, 0x2C
+_OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
+
+
+def _session_key_span(buf: bytearray) -> tuple[int, int] | None:
+    """Where the hex text of the top-level ``"sessionKey"`` string value lies in ``buf``.
+
+    One linear pass over the tokens, reading offsets only: no slice of the value is taken,
+    so no immutable copy of the key's hex text is made. ``None`` when there is no such
+    member spelled plainly (an escaped key name, a value that is not a string); a second
+    plain ``"sessionKey"`` member raises.
+    """
+    depth = 0
+    expect_key = False  # the next string at depth 1 is a member name
+    target = False  # the member name just read was "sessionKey"
+    value_next = False  # the next token is that member's value
+    span: tuple[int, int] | None = None
+    seen = 0
+    for match in _JSON_TOKEN.finditer(buf):
+        start, end = match.span()
+        first = buf[start]
+        if first == _QUOTE:
+            if depth == 1 and expect_key:
+                expect_key = False
+                target = end - start == len(_SESSION_KEY_NAME) and constant_time_equal(
+                    buf[start:end], _SESSION_KEY_NAME
+                )
+                if target:
+                    seen += 1
+            elif depth == 1 and value_next and end - start >= 2 and buf[end - 1] == _QUOTE:
+                span = (start + 1, end - 1)
+            value_next = False
+            continue
+        if depth == 1 and value_next and first != _COLON:
+            value_next = False  # the value is not a string
+        if first in _OPEN:
+            depth += 1
+            expect_key = depth == 1 and first == ord("{")
+        elif first in _CLOSE:
+            depth -= 1
+        elif depth == 1 and first == _COLON:
+            value_next, target = target, False
+        elif depth == 1 and first == _COMMA:
+            expect_key = True
+    if seen > 1:
+        raise InvalidSessionData("sessionKey appears more than once")
+    return span if seen == 1 else None
+
+
+def _hex_digit(c: int) -> int:
+    # '0'-'9' -> 0-9, 'a'-'f' and 'A'-'F' -> 10-15 (validated as hex before), no table.
+    return (c & 0x0F) + 9 * (c >> 6)
+
+
+def _take_session_key(buf: bytearray) -> SecretBytes | None:
+    """Decode the plain hex ``sessionKey`` of ``buf`` straight into a new wipeable buffer,
+    then overwrite its digits in ``buf`` with ``0`` (the JSON stays valid, and the text
+    that is parsed next no longer holds the key). ``None``: not found in plain form."""
+    span = _session_key_span(buf)
+    if span is None:
+        return None
+    start, end = span
+    if _KEY_HEX.fullmatch(buf, start, end) is None:
+        return None  # not 64 plain hex digits: the general path judges (and refuses) it
+    digits = start + (end - start - 64)
+    key = bytearray(32)
+    for i in range(32):
+        key[i] = (_hex_digit(buf[digits + 2 * i]) << 4) | _hex_digit(buf[digits + 2 * i + 1])
+    buf[start:end] = b"0" * (end - start)
+    return SecretBytes.take(key)
+
+
 def _parse_session_json(plaintext: SecretBytes) -> tuple[SecretBytes, dict[str, Any]]:
+    key: SecretBytes | None = None
     try:
-        data = loads_bounded(plaintext.view().tobytes().decode("utf-8"))
+        buf = plaintext.live_buffer()
+        key = _take_session_key(buf)
+        data = loads_bounded(bytes(buf).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
+        if key is not None:
+            key.wipe()
         raise InvalidSessionData("decrypted session data is not UTF-8 JSON") from None
+    except BaseException:
+        if key is not None:
+            key.wipe()
+        raise
     finally:
         plaintext.wipe()
     if not isinstance(data, dict):
+        if key is not None:
+            key.wipe()
         raise InvalidSessionData("decrypted session data is not a JSON object")
     key_hex = data.pop("sessionKey", None)
+    if key is not None:
+        if not isinstance(key_hex, str) or not constant_time_equal(
+            key_hex.encode("utf-8", "replace"), b"0" * len(key_hex)
+        ):
+            # json.loads kept another member (a later, escaped spelling of the name)
+            key.wipe()
+            raise InvalidSessionData("sessionKey appears more than once")
+        return key, data
+    # Not in plain form (escaped characters): decode what the parser made of it.
     if not isinstance(key_hex, str):
         raise InvalidSessionData("sessionKey is required (64 hex digits)")
     body = key_hex[2:] if key_hex[:2] in ("0x", "0X") else key_hex
@@ -181,6 +303,31 @@ def _parse_session_json(plaintext: SecretBytes) -> tuple[SecretBytes, dict[str, 
     except InvalidHexEncoding:
         raise InvalidSessionData("sessionKey is not valid hex") from None
     return key, data
+
+
+def _model_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidSessionData("modelName is required and must be a string")
+    if len(value) > MAX_MODEL_NAME_CHARS:
+        raise InvalidSessionData(f"modelName is longer than {MAX_MODEL_NAME_CHARS} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        raise InvalidSessionData("modelName is not valid Unicode text") from None
+    return value
+
+
+def _vector_database_text(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidSessionData("vectorDatabase must be an object")
+    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    if len(text) > MAX_VECTOR_DATABASE_BYTES:
+        raise InvalidSessionData(
+            f"vectorDatabase is larger than {MAX_VECTOR_DATABASE_BYTES} bytes as compact JSON"
+        )
+    return text
 
 
 def _recovery_key_error(raw: bytes) -> InvalidSessionData | None:
@@ -203,6 +350,10 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
     they differ is it parsed, to report an invalid key as such rather than as a signature
     mismatch.
     """
+    if len(init.ciphertext) - aead.TAG_SIZE > MAX_SESSION_DATA_BYTES:
+        raise InvalidSessionData(
+            f"session data is larger than {MAX_SESSION_DATA_BYTES} bytes (the limit)"
+        )
     eph = init.ephemeral_public
     try:
         eph_point = parse_public_key(eph, field="ephPubHex")
@@ -215,9 +366,7 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
     session_key, data = _parse_session_json(plaintext)
     try:
         job_id = _parse_decimal(data.get("jobId"), "jobId")
-        model = data.get("modelName")
-        if not isinstance(model, str):
-            raise InvalidSessionData("modelName is required and must be a string")
+        model = _model_name(data.get("modelName"))
         if "pricePerToken" not in data:
             raise InvalidSessionData("pricePerToken is required")
         price = _parse_decimal(data["pricePerToken"], "pricePerToken")
@@ -230,9 +379,8 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
                 recovery = decode_hex(recovery_raw, "recoveryPublicKey")
             except InvalidHexEncoding:
                 raise InvalidSessionData("recoveryPublicKey is not valid hex") from None
-        vdb = data.get("vectorDatabase")
-        if vdb is not None and not isinstance(vdb, dict):
-            raise InvalidSessionData("vectorDatabase must be an object")
+        vdb = _vector_database_text(data.get("vectorDatabase"))
+        del data  # the parsed objects go now; only the bounded fields above are kept
 
         digest = e2ee_v1_digest(
             eph if len(eph) == 33 else eph_point.format(compressed=True),
@@ -273,7 +421,7 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
         client_address=address,
         client_public_key=signer,
         recovery_public_key=recovery,
-        vector_database=vdb,
+        vector_database_json=vdb,
     )
 
 

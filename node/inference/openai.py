@@ -286,7 +286,7 @@ class OpenAIBackend:
         if response.status_code >= 400:
             raise await self._http_error(response, [])
         try:
-            entries = response.json()["data"]
+            entries = loads_bounded(response.text)["data"]
             models: dict[str, int | None] = {}
             for entry in entries:
                 window = entry.get("max_model_len", entry.get("context_length"))

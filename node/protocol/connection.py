@@ -19,6 +19,7 @@ from typing import Any, Final
 import attrs
 
 from node.crypto import aead
+from node.crypto.encoding import loads_bounded
 from node.crypto.errors import ErrorCode, NodeError
 from node.crypto.hostkey import HostKey
 from node.crypto.secret import SecretBytes, constant_time_equal
@@ -72,6 +73,12 @@ _NODE_SIDE_CODES: Final = frozenset(
 )
 
 
+# What holding one session costs beyond the client's own fields (the Session, its key
+# buffer, ids, the ledger's running totals), counted against the limits below.
+SESSION_OVERHEAD_BYTES: Final = 2048
+MAX_SESSION_BYTES_PER_CONNECTION: Final = 256 * 1024
+
+
 @attrs.define
 class ProtocolConfig:
     require_encryption: bool = False
@@ -80,9 +87,42 @@ class ProtocolConfig:
     init_burst: int = 10  # session inits (either mode) a connection may send at once ...
     init_refill_per_s: float = 1.0  # ... and how fast that allowance comes back
     allowed_clients: frozenset[str] | None = None  # lowercase addresses; None = anyone
+    # With an allow-list, plaintext sessions (which prove no address) only if this is on.
+    allow_plaintext_with_allowlist: bool = False
     max_sessions: int = 64  # sessions one connection may hold at once
+    max_session_bytes: int = MAX_SESSION_BYTES_PER_CONNECTION  # what they may hold in all
     max_held_frames: int = MAX_HELD_FRAMES  # frames waiting for a cancelled stream's end
     hold_timeout_s: float = HOLD_TIMEOUT_S  # ... and how long they may wait
+
+
+class SessionMemory:
+    """Bytes of session data held by all connections of one node process.
+
+    Every connection reserves what a session will hold (``session_cost``) before keeping
+    it and releases it when the session ends; a reservation past ``limit`` is refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+def session_cost(model_name: str | None, vector_database_json: str | None) -> int:
+    """What one session is charged: a fixed overhead plus the client-chosen text it keeps."""
+    return (
+        SESSION_OVERHEAD_BYTES
+        + len(model_name or "") * 4  # up to 4 bytes a character
+        + len(vector_database_json or "")  # ASCII
+    )
 
 
 @attrs.define(repr=False, eq=False)
@@ -99,7 +139,17 @@ class Session:
     client_address: str | None = None
     model_name: str | None = None
     price_per_token: int = 0
-    vector_database: dict[str, Any] | None = None
+    vector_database_json: str | None = None  # compact JSON text, bounded at the init
+    cost: int = 0  # bytes reserved for this session (see ``session_cost``)
+
+    @property
+    def vector_database(self) -> dict[str, Any] | None:
+        """The client's ``vectorDatabase`` object, parsed from the kept text."""
+        if self.vector_database_json is None:
+            return None
+        value: dict[str, Any] = loads_bounded(self.vector_database_json)
+        return value
+
     protocol: str = "v1"  # "v2" for sessions of node.protocol.v2
 
     def wipe(self) -> None:
@@ -196,6 +246,7 @@ class ConnectionState:
         clock: Callable[[], float],
         config: ProtocolConfig | None = None,
         rng: Callable[[int], bytes] = os.urandom,
+        memory: SessionMemory | None = None,
         address_limiter: AddressRateLimiter | None = None,
         remote_address: str | None = None,
         admission: Callable[[], None] | None = None,
@@ -210,6 +261,9 @@ class ConnectionState:
         self._admission = admission
         self.replay_cache = replay_cache
         self.config = config or ProtocolConfig()
+        # The node's shared budget; a connection on its own gets one of its own.
+        self.memory = memory if memory is not None else SessionMemory(2**62)
+        self.session_bytes = 0  # what this connection's sessions hold (their costs)
         self._clock = clock
         self._rng = rng
         self.sessions: dict[str, Session] = {}
@@ -414,33 +468,34 @@ class ConnectionState:
                     f"client {data.client_address} is not allowed on this node",
                 )
             self._take_address_allowance("client", data.client_address.lower())
-            if not self.replay_cache.has_room():
-                raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
-                )
-            if not self.replay_cache.add(payload.replay_key()):
-                raise ProtocolError(
-                    ErrorCode.REPLAY_DETECTED, "this session init was already used (replay)"
-                )
             # A session key serves one init only: a second init with it would restart the
             # message counter at 0 under the same key, so recorded messages would be
-            # accepted again. The cache keeps a keyed fingerprint, never the key.
+            # accepted again. The cache keeps a keyed fingerprint, never the key. Both
+            # entries are recorded together or not at all, in one call (one transaction in
+            # the shared file).
             fingerprint = SESSION_KEY_ENTRY + self.host_key.fingerprint(data.session_key)
-            if not self.replay_cache.has_room():
-                raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
-                )
-            if not self.replay_cache.add(fingerprint):
+            refusal = self.replay_cache.add_all((payload.replay_key(), fingerprint))
+            if refusal is not None:
+                if refusal.code is ErrorCode.RATE_LIMITED:
+                    raise ProtocolError(
+                        ErrorCode.RATE_LIMITED, "the node is handling too many new sessions; retry"
+                    )
+                if refusal.index == 0:
+                    raise ProtocolError(
+                        ErrorCode.REPLAY_DETECTED, "this session init was already used (replay)"
+                    )
                 raise ProtocolError(
                     ErrorCode.REPLAY_DETECTED,
                     "this session key was already used by an earlier init; take a fresh "
                     "session key for every init",
                 )
+            old = self.sessions.get(message.session_id)
+            cost = session_cost(data.model_name, data.vector_database_json)
+            self._reserve(cost, old)
         except BaseException:
             data.session_key.wipe()
             raise
         actions: list[Action] = []
-        old = self.sessions.get(message.session_id)
         continues = (
             old is not None
             and old.encrypted
@@ -457,11 +512,13 @@ class ConnectionState:
             old.key = data.session_key
             old.next_index = 0
             old.created_at = self._clock()
-            old.vector_database = data.vector_database
+            old.vector_database_json = data.vector_database_json
+            old.cost = cost
         else:
             if old is not None:
                 del self.sessions[message.session_id]
                 old.wipe()
+                old.cost = 0  # its reservation became the new session's
                 actions.append(SessionEnded(old, "reinit"))
             session = Session(
                 session_id=message.session_id,
@@ -473,7 +530,8 @@ class ConnectionState:
                 client_address=data.client_address,
                 model_name=data.model_name,
                 price_per_token=data.price_per_token,
-                vector_database=data.vector_database,
+                vector_database_json=data.vector_database_json,
+                cost=cost,
             )
             self.sessions[message.session_id] = session
             actions.append(SessionStarted(session))
@@ -516,8 +574,7 @@ class ConnectionState:
         session = self._session_for_message(message.session_id)
         self._admit()
         if self._clock() - session.created_at >= self.config.session_ttl_s:
-            self.sessions.pop(session.session_id, None)
-            session.wipe()
+            self._drop(session)
             self._remember_expired(session.session_id)
             actions: list[Action] = [SessionEnded(session, "ttl_expired")]
             actions += self._error(
@@ -556,6 +613,15 @@ class ConnectionState:
                 ErrorCode.ENCRYPTION_REQUIRED,
                 "this node requires encryption; use encrypted_session_init",
             )
+        if (
+            self.config.allowed_clients is not None
+            and not self.config.allow_plaintext_with_allowlist
+        ):
+            raise ProtocolError(
+                ErrorCode.ENCRYPTION_REQUIRED,
+                "this node serves allow-listed clients only, and a plaintext session proves "
+                "no address; use encrypted_session_init",
+            )
         if self.used_encryption:
             raise ProtocolError(
                 ErrorCode.MIXED_MODE_REJECTED,
@@ -574,23 +640,61 @@ class ConnectionState:
                 "reuse a session id or open another connection",
             )
 
+    def _reserve(self, cost: int, replacing: Session | None) -> None:
+        """Reserve ``cost`` bytes for a session that replaces ``replacing`` (or is new):
+        refused past this connection's limit or the node's. On success the replaced
+        session's reservation counts towards the new one."""
+        freed = replacing.cost if replacing is not None else 0
+        if self.session_bytes - freed + cost > self.config.max_session_bytes:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"the sessions of this connection would hold more than "
+                f"{self.config.max_session_bytes} bytes (the limit); end some, or send "
+                "less vectorDatabase data",
+            )
+        if cost > freed and not self.memory.reserve(cost - freed):
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                "the node holds as much session data as it may; retry later",
+            )
+        if freed > cost:
+            self.memory.release(freed - cost)
+        self.session_bytes += cost - freed
+
+    def _drop(self, session: Session) -> None:
+        """Forget a session: wipe its key, release its reservation."""
+        if self.sessions.get(session.session_id) is session:
+            del self.sessions[session.session_id]
+        session.wipe()
+        self._release(session)
+
+    def _release(self, session: Session) -> None:
+        self.session_bytes -= session.cost
+        self.memory.release(session.cost)
+        session.cost = 0
+
     def _on_plaintext_init(self, message: SessionInit) -> list[Action]:
         actions = self._plaintext_allowed()
         self._admit()
         self._check_session_room(message.session_id)
         self._take_new_session()
-        old = self.sessions.pop(message.session_id, None)
-        if old is not None and old.job_id != message.job_id:
-            actions.append(SessionEnded(old, "reinit"))
+        old = self.sessions.get(message.session_id)
         if old is not None and old.job_id == message.job_id:
             session = old
         else:
+            self._reserve(SESSION_OVERHEAD_BYTES, old)
+            if old is not None:
+                del self.sessions[message.session_id]
+                old.wipe()
+                old.cost = 0  # its reservation became the new session's
+                actions.append(SessionEnded(old, "reinit"))
             session = Session(
                 session_id=message.session_id,
                 job_id=message.job_id,
                 chain_id=message.chain_id,
                 encrypted=False,
                 created_at=self._clock(),
+                cost=SESSION_OVERHEAD_BYTES,
             )
             actions.append(SessionStarted(session))
         self.sessions[message.session_id] = session
@@ -615,12 +719,14 @@ class ConnectionState:
             # An old client that never sent session_init: the prompt opens the session.
             self._check_session_room(message.session_id)
             self._take_new_session()
+            self._reserve(SESSION_OVERHEAD_BYTES, None)
             session = Session(
                 session_id=message.session_id,
                 job_id=None,
                 chain_id=0,
                 encrypted=False,
                 created_at=self._clock(),
+                cost=SESSION_OVERHEAD_BYTES,
             )
             self.sessions[message.session_id] = session
             actions.append(SessionStarted(session))
@@ -802,8 +908,7 @@ class ConnectionState:
             if session is busy or not session.encrypted:
                 continue
             if now - session.created_at >= self.config.session_ttl_s:
-                del self.sessions[sid]
-                session.wipe()
+                self._drop(session)
                 self._remember_expired(sid)
                 actions.append(SessionEnded(session, "ttl_expired"))
         return actions
@@ -817,6 +922,7 @@ class ConnectionState:
         self._hold_deadline = None
         for session in self.sessions.values():
             session.wipe()
+            self._release(session)
             ended.append(SessionEnded(session, reason))
         if self._anonymous is not None and self._anonymous not in self.sessions.values():
             ended.append(SessionEnded(self._anonymous, reason))

@@ -12,7 +12,12 @@ class ProtocolError(NodeError):
 
     ``extra`` holds additional JSON fields for the ``error`` frame (for example
     ``prompt_tokens`` and ``context_window_size`` with ``TOKEN_LIMIT_EXCEEDED``).
+    ``request_id`` is the ``id`` of the frame that failed to decode, when its JSON parsed
+    and held a valid one (``decode`` sets it), so the error can echo it without the frame
+    being parsed a second time.
     """
+
+    request_id: str | int | None = None
 
     def __init__(self, code: ErrorCode, message: str, **extra: Any) -> None:
         super().__init__(message, code=code)

@@ -382,8 +382,10 @@ def _request_id(obj: Mapping[str, Any]) -> RequestId | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _invalid("id must be a string or an integer")
-    if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
-        raise _invalid(f"id is longer than {MAX_ID_LENGTH} characters")
+    if isinstance(value, str):
+        if len(value) > MAX_ID_LENGTH:
+            raise _invalid(f"id is longer than {MAX_ID_LENGTH} characters")
+        check_text(value, "id")
     if isinstance(value, int) and not -(2**63) <= value < 2**64:
         raise _invalid("id is out of range")
     return value
@@ -546,8 +548,10 @@ def _decode_prompt(obj: Mapping[str, Any]) -> PromptRequest:
         return request[name] if name in request else obj.get(name)
 
     model = pick("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("model must be a string")
+    if model is not None:
+        if not isinstance(model, str):
+            raise _invalid("model must be a string")
+        check_text(model, "model")
     stream = pick("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream must be true or false")
@@ -601,29 +605,44 @@ def parse_json(text: str | bytes) -> Any:
 
 
 def decode(text: str | bytes) -> InboundMessage:
-    """Decode one text frame. Raises :class:`ProtocolError` (with a wire code) only."""
+    """Decode one text frame. Raises :class:`ProtocolError` (with a wire code) only.
+
+    The frame is parsed once. When its JSON is an object with a valid ``id`` but the frame
+    is refused, the error carries that id in ``request_id`` for the reply to echo.
+    """
     obj = parse_json(text)
     if not isinstance(obj, dict):
         raise _invalid("frame must be a JSON object")
+    try:
+        return _decode_object(obj)
+    except NodeError as exc:
+        error = exc if isinstance(exc, ProtocolError) else ProtocolError(exc.code, exc.message)
+        error.request_id = _echo_id(obj)
+        raise error from None
+
+
+def _decode_object(obj: Mapping[str, Any]) -> InboundMessage:
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise _invalid("frame needs a string field 'type'")
     decoder = _DECODERS.get(kind)
     if decoder is None:
         raise _invalid(f"unknown message type {kind[:40]!r}")
+    return decoder(obj)
+
+
+def _echo_id(obj: Mapping[str, Any]) -> RequestId | None:
     try:
-        message: InboundMessage = decoder(obj)
+        return _request_id(obj)
     except ProtocolError:
-        raise
-    except NodeError as exc:
-        raise ProtocolError(exc.code, exc.message) from None
-    return message
+        return None
 
 
 def request_id_of(text: str | bytes) -> RequestId | None:
-    """Best-effort ``id`` of a frame that failed to decode, so the error can echo it."""
+    """Best-effort ``id`` of a frame that failed to decode (parses it again: the server
+    uses ``ProtocolError.request_id`` from :func:`decode` instead)."""
     try:
         obj = parse_json(text)  # the same depth guard as decode: never json.loads raw input
-        return _request_id(obj) if isinstance(obj, dict) else None
+        return _echo_id(obj) if isinstance(obj, dict) else None
     except ProtocolError:
         return None

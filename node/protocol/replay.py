@@ -4,8 +4,39 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
+
+import attrs
+
+from node.crypto.errors import ErrorCode
+
+#: Entries a cache holds unless told otherwise (``--replay-cache-entries``).
+DEFAULT_MAX_ENTRIES: Final = 1_000_000
+#: Entries an encrypted init records: its digest and its session key's fingerprint.
+ENTRIES_PER_INIT: Final = 2
+
+
+def init_capacity(max_entries: int, window_s: float) -> float:
+    """New encrypted inits per second, on average, that a cache of ``max_entries`` takes
+    over a window of ``window_s`` before it is full (then inits get ``RATE_LIMITED``)."""
+    return max_entries / ENTRIES_PER_INIT / window_s
+
+
+@attrs.frozen(slots=True)
+class Refusal:
+    """Why :meth:`ReplayCache.add_all` recorded nothing.
+
+    ``code`` is ``RATE_LIMITED`` when the cache has no room for every key, or
+    ``REPLAY_DETECTED`` when a key is already recorded inside the window; then ``index``
+    is the position of the first such key in the call's sequence.
+    """
+
+    code: ErrorCode
+    index: int | None = None
+
+
+NO_ROOM: Final = Refusal(ErrorCode.RATE_LIMITED)
 
 
 class ReplayCache(Protocol):
@@ -14,6 +45,14 @@ class ReplayCache(Protocol):
     def has_room(self) -> bool: ...
 
     def add(self, key: bytes) -> bool: ...
+
+    def add_all(self, keys: Sequence[bytes]) -> Refusal | None:
+        """Record every key or none of them, atomically; None when all were recorded.
+
+        Room is checked first and counts every key; then, if any key is already
+        recorded (or appears twice in ``keys``), nothing is recorded.
+        """
+        ...
 
 
 class InitReplayCache:
@@ -26,7 +65,7 @@ class InitReplayCache:
     """
 
     def __init__(
-        self, *, window_s: float, max_entries: int = 1_000_000, clock: Callable[[], float]
+        self, *, window_s: float, max_entries: int = DEFAULT_MAX_ENTRIES, clock: Callable[[], float]
     ) -> None:
         if window_s <= 0 or max_entries <= 0:
             raise ValueError("window_s and max_entries must be positive")
@@ -68,3 +107,18 @@ class InitReplayCache:
             return False
         self._seen[digest] = now
         return True
+
+    def add_all(self, keys: Sequence[bytes]) -> Refusal | None:
+        """Record every key or none; see :meth:`ReplayCache.add_all`."""
+        now = self._clock()
+        self._expire(now)
+        seen = self._seen
+        if len(seen) + len(keys) > self.max_entries:
+            return NO_ROOM
+        digests = [self._digest(key) for key in keys]
+        for i, digest in enumerate(digests):
+            if digest in seen or digest in digests[:i]:
+                return Refusal(ErrorCode.REPLAY_DETECTED, i)
+        for digest in digests:
+            seen[digest] = now
+        return None

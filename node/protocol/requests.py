@@ -124,8 +124,10 @@ def request_from_object(obj: dict[str, Any]) -> InferenceRequest:
     elif messages is None:
         raise _invalid("request needs a prompt or messages")
     model = obj.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("model must be a string")
+    if model is not None:
+        if not isinstance(model, str):
+            raise _invalid("model must be a string")
+        _text(model, "model")
     seed = obj.get("seed")
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32

@@ -11,12 +11,14 @@ import trio
 from trio_websocket import wrap_server_stream
 
 from node import PROTOCOL_VERSION, __version__
+from node.config import NodeConfig, is_loopback_host, normalize_origin
 from node.crypto.encoding import decode_hex, loads_bounded
 from node.crypto.errors import InvalidHexEncoding, NodeError
 from node.protocol.storage import LEDGER, REPLAY_CACHE
 from node.server.context import NodeContext
 from node.server.driver import ConnectionDriver
 from node.server.driver_v2 import ConnectionDriverV2
+from node.server.ephemeral import EphemeralKeys
 from node.server.http import (
     HttpError,
     HttpRequest,
@@ -36,6 +38,52 @@ WS_V2_PATH = "/v2/ws"
 WS_PATHS = {WS_PATH: "v1", WS_V2_PATH: "v2"}
 HANDSHAKE_TIMEOUT_S = 10.0
 WS_RECEIVE_BUFFER = 65536
+
+
+ORIGIN_REFUSED = "this browser origin may not open a WebSocket to this node (see --allowed-origins)"
+CHALLENGE_DISABLED = (
+    "POST /v1/auth/challenge is turned off on this node (--no-v1-challenge); "
+    "get the host key from its operator and pin it"
+)
+
+
+def origin_allowed(config: NodeConfig, origin: str | None) -> bool:
+    """May a WebSocket upgrade carrying this ``Origin`` header go ahead?
+
+    No header: yes. Browsers always send one on a WebSocket upgrade, other clients (the
+    SDK under Node.js, ``node.client``, curl) send none, so this check stands between a
+    web page in the operator's browser and the node, and no one else. With
+    ``allowed_origins`` set, only those origins (or any, for ``*``); unset, none on a
+    loopback address (a page on any site could otherwise reach a node on 127.0.0.1) and
+    any on another address (a public node serves web apps).
+    """
+    if origin is None:
+        return True
+    allowed = config.allowed_origins
+    if allowed is None:
+        return not is_loopback_host(config.host)
+    return "*" in allowed or normalize_origin(origin) in allowed
+
+
+def parse_challenge_body(body: bytes) -> bytes:
+    """The 32 bytes of ``{"challenge": "<64 hex>"}``; ValueError with a message otherwise.
+
+    Linear in the body (at most ``MAX_BODY_BYTES``): one bounded JSON parse, one hex decode.
+    """
+    try:
+        obj: Any = loads_bounded((body or b"null").decode("utf-8"))
+    except ValueError:
+        raise ValueError('body must be JSON: {"challenge": "<64 hex>"}') from None
+    text = obj.get("challenge") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise ValueError("challenge must be a string of 64 hex digits")
+    try:
+        data = decode_hex(text, "challenge")
+    except InvalidHexEncoding as exc:
+        raise ValueError(exc.message) from None
+    if len(data) != 32:
+        raise ValueError("challenge must be exactly 32 bytes (64 hex digits)")
+    return data
 
 
 def build_router(ctx: NodeContext) -> Router:
@@ -64,7 +112,9 @@ def build_router(ctx: NodeContext) -> Router:
         features = ["websocket", "streaming", "stream-cancel", "usage-receipts"]
         if ctx.host_key is not None:
             features.append("end-to-end-encryption")
-        if not ctx.config.require_encryption:
+        if not ctx.config.require_encryption and (
+            ctx.config.allowed_clients is None or ctx.config.allow_plaintext_with_allowlist
+        ):
             features.append("plaintext-deprecated")
         return HttpResponse.json(
             200,
@@ -99,19 +149,12 @@ def build_router(ctx: NodeContext) -> Router:
         key = ctx.host_key
         if key is None:
             return HttpResponse.error(404, "this node has no host key (plaintext-only)")
+        if not ctx.config.v1_challenge:
+            return HttpResponse.error(403, CHALLENGE_DISABLED)
         try:
-            body: Any = loads_bounded((request.body or b"null").decode("utf-8"))
-        except ValueError:
-            return HttpResponse.error(400, 'body must be JSON: {"challenge": "<64 hex>"}')
-        text = body.get("challenge") if isinstance(body, dict) else None
-        if not isinstance(text, str):
-            return HttpResponse.error(400, "challenge must be a string of 64 hex digits")
-        try:
-            data = decode_hex(text, "challenge")
-        except InvalidHexEncoding as exc:
-            return HttpResponse.error(400, exc.message)
-        if len(data) != 32:
-            return HttpResponse.error(400, "challenge must be exactly 32 bytes (64 hex digits)")
+            data = parse_challenge_body(request.body)
+        except ValueError as exc:
+            return HttpResponse.error(400, str(exc))
         signature = key.sign_challenge(data)
         return HttpResponse.json(200, {"signature": signature[:64].hex(), "recid": signature[64]})
 
@@ -205,6 +248,13 @@ class NodeServer:
                 return
             request, raw = got
             if request.path in WS_PATHS and request.is_websocket_upgrade():
+                if not origin_allowed(self.ctx.config, request.headers.get("origin")):
+                    self.ctx.metrics.http_requests["403"] += 1
+                    log.info("WebSocket upgrade refused: origin not allowed")
+                    await _quiet(
+                        write_response(stream, conn, HttpResponse.error(403, ORIGIN_REFUSED))
+                    )
+                    return
                 refused = protocol_refused(self.ctx, request.path)
                 if refused is not None:
                     self.ctx.metrics.protocol_refused[WS_PATHS[request.path]] += 1
@@ -300,8 +350,31 @@ class NodeServer:
         ctx = self.ctx
         if listeners is None:
             listeners = await open_listeners(ctx.config.host, ctx.config.port)
+        # v2's pre-generated ephemeral keys: refilled while serving, wiped when it ends
+        pool = ctx.ephemeral_keys
+        own = pool is None and "v2" in ctx.protocols()
+        if own:
+            pool = ctx.ephemeral_keys = EphemeralKeys(rng=ctx.rng)
+        try:
+            await self._serve(shutdown, listeners, pool, task_status)
+        finally:
+            if pool is not None:
+                pool.wipe()  # run() wipes it too; this covers a start that failed
+            if own:
+                ctx.ephemeral_keys = None
+
+    async def _serve(
+        self,
+        shutdown: trio.Event,
+        listeners: list[trio.SocketListener],
+        pool: EphemeralKeys | None,
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
+    ) -> None:
+        ctx = self.ctx
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptor:
+                if pool is not None:
+                    acceptor.start_soon(pool.run)
                 acceptor.start_soon(
                     partial(
                         trio.serve_listeners,

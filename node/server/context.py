@@ -11,10 +11,11 @@ import trio
 from node.config import NodeConfig
 from node.crypto.hostkey import HostKey
 from node.inference.base import Backend, GenerationResult
-from node.protocol.connection import ProtocolConfig, Session
+from node.protocol.connection import ProtocolConfig, Session, SessionMemory
 from node.protocol.ratelimit import AddressRateLimiter
 from node.protocol.replay import ReplayCache
 from node.protocol.storage import StorageHealth
+from node.server.ephemeral import EphemeralKeys
 from node.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
@@ -58,12 +59,20 @@ class NodeContext:
     accounting: Accounting = attrs.field(factory=NoAccounting)
     clock: Callable[[], float] = trio.current_time
     rng: Callable[[int], bytes] | None = None
+    # pre-generated v2 ephemeral keys; NodeServer.serve creates and runs it when v2 is on
+    ephemeral_keys: EphemeralKeys | None = None
     drivers: set[StreamingDriver] = attrs.field(factory=set)
     shutting_down: bool = False
     backend_loading: bool = False  # the startup load of the backend is running
     backend_loaded: bool = False  # the backend said ready once (then /ready is 200)
     all_closed: trio.Event = attrs.field(factory=trio.Event)
     next_connection_id: int = 1
+    # Session data held by all connections together (--max-session-bytes).
+    session_memory: SessionMemory = attrs.field(
+        default=attrs.Factory(
+            lambda self: SessionMemory(self.config.max_session_bytes), takes_self=True
+        )
+    )
     storage: StorageHealth = attrs.field(
         default=attrs.Factory(
             lambda self: StorageHealth(on_ledger_failure=self.config.on_ledger_failure),
@@ -91,6 +100,7 @@ class NodeContext:
             session_ttl_s=c.session_ttl_s,
             max_errors=c.max_errors,
             allowed_clients=c.allowed_clients,
+            allow_plaintext_with_allowlist=c.allow_plaintext_with_allowlist,
             max_sessions=c.max_sessions,
             init_burst=c.init_burst,
             init_refill_per_s=c.init_refill_per_s,

@@ -56,7 +56,6 @@ from node.protocol.messages import (
     StreamChunk,
     decode,
     encode,
-    request_id_of,
 )
 from node.protocol.requests import InferenceRequest
 from node.server.context import NodeContext
@@ -105,10 +104,11 @@ def split_for_frames(text: str, tokens: int, budget: int) -> list[tuple[str, int
     if len(data) <= budget:
         return [(text, tokens)]
     parts: list[tuple[str, int]] = []
-    while data:
-        head = data[:budget].decode("utf-8", "ignore")  # drops a cut character's bytes
+    start = 0  # an offset, not a shrinking copy: linear in len(text) for any budget
+    while start < len(data):
+        head = data[start : start + budget].decode("utf-8", "ignore")  # drops a cut character
         parts.append((head, 0))
-        data = data[len(head.encode("utf-8")) :]
+        start += len(head.encode("utf-8"))
     parts[0] = (parts[0][0], tokens)
     return parts
 
@@ -476,6 +476,7 @@ class ConnectionDriver(StreamingDriver):
             replay_cache=ctx.replay_cache,
             clock=ctx.clock,
             config=ctx.protocol_config(),
+            memory=ctx.session_memory,
             address_limiter=ctx.address_limiter,
             remote_address=remote,
             admission=ctx.storage.admit,
@@ -583,7 +584,9 @@ class ConnectionDriver(StreamingDriver):
                 self.end_reason = "idle_timeout"
                 await self._close(CLOSE_NORMAL, "idle timeout")
                 return
-            if not await self._on_frame(frame):
+            keep_going = await self._on_frame(frame)
+            del frame  # an idle connection does not pin its last frame (up to 1 MiB)
+            if not keep_going:
                 return
             if self.state.sessions:
                 # Keys past their TTL are wiped now, not when the client next uses them.
@@ -637,7 +640,7 @@ class ConnectionDriver(StreamingDriver):
             message = decode(frame)
         except ProtocolError as exc:
             metrics.messages["invalid"] += 1
-            return await self._execute(state.reject(exc, request_id_of(frame)))
+            return await self._execute(state.reject(exc, exc.request_id))
         kind = type(message).__name__
         metrics.messages[kind] += 1
         started = time.perf_counter()

@@ -85,6 +85,8 @@ class ConnectionDriverV2(StreamingDriver):
             address_limiter=ctx.address_limiter,
             remote_address=remote,
             admission=ctx.storage.admit,
+            # a pooled key (used by this connection only, wiped by it), else made inline
+            ephemeral=None if ctx.ephemeral_keys is None else ctx.ephemeral_keys.take(),
         )
         self._handshake_cpu = 0.0
         self._ended: list[SessionEnded] = []

@@ -6,7 +6,9 @@ node after a restart, would find an empty cache. This one keeps the same 32-byte
 in a small SQLite file beside the ledger (WAL, ``synchronous=NORMAL``: no fsync per insert,
 so an init costs tens of microseconds more; a power cut may lose the last moments of it,
 a crash of the process does not). Inserts are atomic across processes: of two workers
-that see the same init, exactly one succeeds. Times are wall-clock seconds, because
+that see the same init, exactly one succeeds. An encrypted init records its two entries
+with :meth:`SqliteReplayCache.add_all`: one transaction and one commit, and either both
+entries are recorded or neither. Times are wall-clock seconds, because
 monotonic clocks are per process.
 
 Cost per init stays flat however large the cache is. The number of entries is kept by
@@ -27,11 +29,12 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from node.crypto.errors import StorageUnavailable
+from node.crypto.errors import ErrorCode, StorageUnavailable
+from node.protocol.replay import DEFAULT_MAX_ENTRIES, NO_ROOM, Refusal
 from node.protocol.storage import REPLAY_CACHE, StorageHealth
 
 #: Expired entries deleted per call on the init path (bounded work per init).
@@ -41,6 +44,10 @@ FULL_PURGE_BATCH = 256
 #: Expired entries deleted when the file is opened (start-up, off the init path).
 OPEN_PURGE_BATCH = 100_000
 
+_INSERT = (
+    "INSERT INTO seen (digest, at) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
+    "SET at = excluded.at WHERE seen.at <= ?"
+)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS seen_at ON seen (at)",
@@ -67,7 +74,7 @@ class SqliteReplayCache:
         path: str | Path,
         *,
         window_s: float,
-        max_entries: int = 1_000_000,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
         health: StorageHealth | None = None,
     ) -> None:
@@ -158,13 +165,35 @@ class SqliteReplayCache:
         with self._storage():
             if len(self) >= self.max_entries and not self._has_room(now):
                 return False
-            cur = self._conn.execute(
-                "INSERT INTO seen (digest, at) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
-                "SET at = excluded.at WHERE seen.at <= ?",
-                (digest, now, now - self.window_s),
-            )
+            cur = self._conn.execute(_INSERT, (digest, now, now - self.window_s))
             # seen inside the window, here or in another worker: nothing changed
             return cur.rowcount == 1
+
+    def add_all(self, keys: Sequence[bytes]) -> Refusal | None:
+        """Record every key or none, in one transaction (one commit) across workers.
+
+        ``BEGIN IMMEDIATE`` takes the file's write lock first, so the room check and the
+        inserts of every key see no other worker's writes in between; a key already
+        recorded rolls the whole call back.
+        """
+        now = self._clock()
+        cutoff = now - self.window_s
+        digests = [hashlib.sha256(key).digest() for key in keys]
+        conn = self._conn
+        with self._storage():
+            conn.execute("BEGIN IMMEDIATE")
+            self._purge(now, PURGE_BATCH)
+            if len(self) + len(digests) > self.max_entries:
+                self._purge(now, FULL_PURGE_BATCH)
+                if len(self) + len(digests) > self.max_entries:
+                    conn.execute("COMMIT")  # keep what was purged
+                    return NO_ROOM
+            for i, digest in enumerate(digests):
+                if conn.execute(_INSERT, (digest, now, cutoff)).rowcount != 1:
+                    conn.execute("ROLLBACK")
+                    return Refusal(ErrorCode.REPLAY_DETECTED, i)
+            conn.execute("COMMIT")
+            return None
 
     def close(self) -> None:
         self._conn.close()

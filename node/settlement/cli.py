@@ -67,6 +67,7 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
         "SIGNED",
         "END_REASON",
         "SETTLEMENT",
+        "PROTOCOL",
     )
     table: list[tuple[str, ...]] = [header]
     for s in rows:
@@ -87,6 +88,7 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
                     "yes" if c["signed"] else "no",
                     c["end_reason"],
                     s.submission_status or "pending",
+                    c.get("protocol") or "v1",
                 )
             )
         )

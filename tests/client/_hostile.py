@@ -170,8 +170,11 @@ class HostileNode:
         *,
         host_key: HostKey | None = None,
         reinit_ack_delay_s: float = 0.0,
+        ack_client_address: Any = "recovered",
     ) -> None:
         self.script = script
+        # What the acks name as the client: the recovered address, or this value.
+        self.ack_client_address = ack_client_address
         self.reinit_ack_delay_s = reinit_ack_delay_s
         self.host_key = host_key if host_key is not None else HostKey.generate()
         self.received: list[str] = []
@@ -210,7 +213,9 @@ class HostileNode:
                                 job_id=data.job_id,
                                 chain_id=message.chain_id,
                                 message="ok",
-                                client_address=data.client_address,
+                                client_address=data.client_address
+                                if self.ack_client_address == "recovered"
+                                else self.ack_client_address,
                                 id=message.id,
                             )
                         )

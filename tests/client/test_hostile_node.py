@@ -429,3 +429,47 @@ async def test_completion_repr_hides_the_text() -> None:
             completion = await session.complete("hi")
     assert completion.text == "ABC"
     assert "ABC" not in repr(completion)
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        None,  # no address at all
+        "0x" + "11" * 20,  # another client's address
+        "recovered-other-case",  # the right address in other letter case: accepted
+    ],
+)
+async def test_an_ack_naming_another_client_is_refused(named: str | None) -> None:
+    """The node must say which client it authenticated, and it must be us: an ack that
+    names nobody or someone else means the init was not opened as we sealed it."""
+    from coincurve import PrivateKey
+
+    from node.client import ProtocolViolation
+    from node.crypto.curve import address_of
+
+    client_key = PrivateKey()
+    ours = address_of(client_key.public_key)
+    swapped = ours.lower() if named == "recovered-other-case" else named
+    node = HostileNode(honest_abc, ack_client_address=swapped)
+    with trio.fail_after(GUARD_S):
+        async with serve_hostile(node) as url:
+            if named == "recovered-other-case":
+                async with open_session(
+                    url,
+                    host_public_key=node.host_key.public_key,
+                    model="m",
+                    job_id=5,
+                    client_key=client_key,
+                ) as session:
+                    assert session.client_address == ours.lower()
+                    assert (await session.complete("hi")).text == "ABC"
+                return
+            with pytest.raises(ProtocolViolation, match="another client address"):
+                async with open_session(
+                    url,
+                    host_public_key=node.host_key.public_key,
+                    model="m",
+                    job_id=5,
+                    client_key=client_key,
+                ):
+                    pass  # pragma: no cover - the ack is refused first

@@ -535,11 +535,18 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     """Record the session-key buffer and the plaintext secret as they are created."""
     seen: dict[str, list[Any]] = {"keys": [], "plaintexts": []}
     real_decode = session_init.decode_hex_into_bytearray
+    real_take = session_init._take_session_key
     real_open = aead.open_secret
 
     def decode(text: str, field: str) -> bytearray:
         out = real_decode(text, field)
         seen["keys"].append(out)
+        return out
+
+    def take(buf: bytearray) -> Any:
+        out = real_take(buf)
+        if out is not None:
+            seen["keys"].append(out.buffer_for_tests())
         return out
 
     def open_secret(*args: Any) -> Any:
@@ -548,6 +555,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
         return out
 
     monkeypatch.setattr(session_init, "decode_hex_into_bytearray", decode)
+    monkeypatch.setattr(session_init, "_take_session_key", take)
     monkeypatch.setattr(aead, "open_secret", open_secret)
     return seen
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from node.crypto.errors import ErrorCode
 from node.protocol import InitReplayCache
+from node.protocol.replay import Refusal
 from tests.protocol._support import Clock
 
 
@@ -73,3 +75,46 @@ def test_stores_digests_not_the_keys() -> None:
 def test_parameters_must_be_positive(window: float, entries: int) -> None:
     with pytest.raises(ValueError, match="positive"):
         InitReplayCache(window_s=window, max_entries=entries, clock=Clock())
+
+
+# ------------------------------------------------------- add_all: every key or none
+
+
+def test_add_all_records_every_key_together() -> None:
+    cache, clock = make()
+    assert cache.add_all((b"init", b"key")) is None
+    assert cache.seen(b"init")
+    assert cache.seen(b"key")
+    assert len(cache) == 2
+    clock.advance(60.0)  # both expire with the window
+    assert cache.add_all((b"init", b"key")) is None
+
+
+@pytest.mark.parametrize("present", [0, 1])
+def test_add_all_records_nothing_when_one_key_is_present(present: int) -> None:
+    cache, _ = make()
+    keys = (b"init", b"key")
+    assert cache.add(keys[present])
+    refusal = cache.add_all(keys)
+    assert refusal == Refusal(ErrorCode.REPLAY_DETECTED, present)
+    assert not cache.seen(keys[1 - present])  # the other key was not recorded
+    assert len(cache) == 1
+
+
+def test_add_all_refuses_a_key_given_twice() -> None:
+    cache, _ = make()
+    assert cache.add_all((b"same", b"same")) == Refusal(ErrorCode.REPLAY_DETECTED, 1)
+    assert len(cache) == 0
+
+
+def test_add_all_needs_room_for_every_key() -> None:
+    cache, clock = make(window=10.0, max_entries=3)
+    assert cache.add(b"a")
+    assert cache.add(b"b")
+    assert cache.has_room()  # room for one entry, not for two
+    assert cache.add_all((b"c", b"d")) == Refusal(ErrorCode.RATE_LIMITED)
+    assert cache.add_all((b"a", b"c")) == Refusal(ErrorCode.RATE_LIMITED)  # room first
+    assert len(cache) == 2
+    assert not cache.seen(b"c")
+    clock.advance(10.0)
+    assert cache.add_all((b"c", b"d")) is None

@@ -91,6 +91,29 @@ def test_workers_sharing_the_replay_file_refuse_the_key_too(tmp_path: Path) -> N
             cache.close()
 
 
+def test_an_init_refused_for_its_key_leaves_no_entry_behind() -> None:
+    """Both entries of an init are recorded together or not at all."""
+    clock = Clock()
+    cache = InitReplayCache(window_s=900.0, clock=clock)
+    conn = make_conn(clock=clock, cache=cache)
+    key = os.urandom(32)
+    conn.receive(make_init(key))
+    assert len(cache) == 2  # the init's digest and the key's fingerprint
+    reused = make_init(key)
+    assert error_code(conn.receive(reused)) is E.REPLAY_DETECTED
+    assert len(cache) == 2
+    assert not cache.seen(reused.payload.replay_key())  # the init's pair was not kept
+
+
+def test_a_full_cache_refuses_when_there_is_room_for_one_entry_only() -> None:
+    clock = Clock()
+    cache = InitReplayCache(window_s=900.0, max_entries=3, clock=clock)
+    conn = make_conn(clock=clock, cache=cache, init_burst=10)
+    assert kinds(conn.receive(make_init(os.urandom(32)))) == ["SessionStarted", "Send"]
+    assert error_code(conn.receive(make_init(os.urandom(32)))) is E.RATE_LIMITED
+    assert len(cache) == 2
+
+
 def test_the_key_is_remembered_for_the_replay_window() -> None:
     clock = Clock()
     cache = InitReplayCache(window_s=60.0, clock=clock)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
+from node.crypto.errors import ErrorCode
 from node.crypto.hostkey import HostKey
+from node.protocol.replay import Refusal
 from node.server.shared_replay import SharedReplayCacheError, SqliteReplayCache
 from tests.support.wire import SDK_HOST_KEY, running_node, wire_client
 
@@ -156,3 +161,108 @@ async def test_an_init_replayed_to_another_worker_is_refused(tmp_path: Path) -> 
     assert reply["type"] == "error"
     assert reply["code"] == "REPLAY_DETECTED"
     assert json.loads(sent[0])["type"] == "encrypted_session_init"
+
+
+# ------------------------------------------------------- add_all: every key or none
+
+
+@pytest.mark.parametrize("present", [0, 1])
+def test_add_all_records_nothing_when_one_key_is_present(tmp_path: Path, present: int) -> None:
+    clock = Clock()
+    a = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=900, clock=clock)
+    b = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=900, clock=clock)
+    keys = (b"init", b"session-key|fp")
+    try:
+        assert a.add(keys[present])  # recorded by another worker
+        assert b.add_all(keys) == Refusal(ErrorCode.REPLAY_DETECTED, present)
+        assert len(a) == len(b) == 1  # the other key was rolled back
+        assert a.add(keys[1 - present])  # ... so it is still new
+        assert not b.conn_in_transaction()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_add_all_records_both_and_needs_room_for_both(tmp_path: Path) -> None:
+    clock = Clock()
+    cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=10, max_entries=3, clock=clock)
+    try:
+        assert cache.add_all((b"i1", b"k1")) is None
+        assert not cache.add(b"i1")
+        assert not cache.add(b"k1")
+        assert cache.has_room()  # one entry free, not two
+        assert cache.add_all((b"i2", b"k2")) == Refusal(ErrorCode.RATE_LIMITED)
+        assert cache.add_all((b"i1", b"k2")) == Refusal(ErrorCode.RATE_LIMITED)  # room first
+        assert cache.add_all((b"x", b"x")) == Refusal(ErrorCode.RATE_LIMITED)
+        assert len(cache) == 2
+        clock.now += 10  # both expire; the full path purges them
+        assert cache.add_all((b"i1", b"k1")) is None
+        assert cache.add_all((b"y", b"y")) == Refusal(ErrorCode.RATE_LIMITED)
+        assert len(cache) == 2
+    finally:
+        cache.close()
+
+
+def test_add_all_a_key_given_twice_records_nothing(tmp_path: Path) -> None:
+    cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=10, clock=Clock())
+    try:
+        assert cache.add_all((b"same", b"same")) == Refusal(ErrorCode.REPLAY_DETECTED, 1)
+        assert len(cache) == 0
+    finally:
+        cache.close()
+
+
+def test_add_all_is_one_transaction_with_one_commit(tmp_path: Path) -> None:
+    cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=10, clock=Clock())
+    statements: list[str] = []
+    cache._conn.set_trace_callback(statements.append)
+    try:
+        assert cache.add_all((b"i", b"k")) is None
+    finally:
+        cache._conn.set_trace_callback(None)
+        cache.close()
+    assert statements[0] == "BEGIN IMMEDIATE"
+    assert statements[-1] == "COMMIT"
+    assert sum(s.startswith(("BEGIN", "COMMIT")) for s in statements) == 2
+
+
+def _race(path: Path, pairs: list[tuple[bytes, bytes]], start: threading.Barrier) -> list[bool]:
+    cache = SqliteReplayCache(path, window_s=900, clock=time.time)
+    try:
+        start.wait(timeout=20)
+        return [cache.add_all(pair) is None for pair in pairs]
+    finally:
+        cache.close()
+
+
+def test_concurrent_workers_record_each_pair_exactly_once(tmp_path: Path) -> None:
+    """Four connections (as four workers) race on the same pairs, some of which overlap.
+
+    Every pair shares one key with the next, so a worker that recorded the init digest but
+    not the session key (two separate writes) would show up as two winners, or as an
+    entry left behind by a refused pair.
+    """
+    path = tmp_path / "r.sqlite3"
+    SqliteReplayCache(path, window_s=900).close()
+    rounds = 200
+    pairs = [(b"init%d" % i, b"key%d" % (i // 2)) for i in range(rounds)]  # 2i, 2i+1 share
+    workers = 4
+    start = threading.Barrier(workers)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [
+            pool.submit(_race, path, pairs if w % 2 == 0 else pairs[::-1], start)
+            for w in range(workers)
+        ]
+        results = [f.result(timeout=60) for f in futures]
+    per_worker = [r if w % 2 == 0 else r[::-1] for w, r in enumerate(results)]
+    wins = [sum(r[i] for r in per_worker) for i in range(rounds)]
+    # of each two pairs sharing a session key, exactly one was recorded, by one worker
+    for i in range(0, rounds, 2):
+        assert sorted(wins[i : i + 2]) == [0, 1]
+    cache = SqliteReplayCache(path, window_s=900)
+    try:
+        assert len(cache) == rounds  # two entries for each winning pair, no others
+        for i in range(rounds):
+            assert cache.add(b"init%d" % i) is not bool(wins[i])
+    finally:
+        cache.close()

@@ -75,10 +75,11 @@ async def test_list_prints_one_line_per_receipt(
         "SIGNED",
         "END_REASON",
         "SETTLEMENT",
+        "PROTOCOL",
     ]
     assert lines[1].split()[0] == "1"
     assert lines[1].split()[2:7] == ["100", "1", "smollm2-135m", "2", "40"]
-    assert lines[1].split()[8:] == ["120", "yes", "disconnect", "pending"]
+    assert lines[1].split()[8:] == ["120", "yes", "disconnect", "pending", "v1"]
     assert str(3 * (2**53 - 1)) in lines[2]
     assert lines[3].split()[3] == "-"  # no job id
     assert lines[-1] == "3 receipt(s)"
@@ -308,3 +309,18 @@ async def test_default_path_comes_from_the_data_dir_variable(
     assert receipts_main(["verify"]) == 0
     out, _ = capsys.readouterr()
     assert out.splitlines()[-1] == "3 receipt(s): 3 valid, 0 unsigned, 0 invalid"
+
+
+async def test_list_names_each_receipts_protocol(
+    ledger: Ledger, ledger_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for session_id, protocol in (("7", "v1"), ("8", "v2")):
+        identity = attrs.evolve(encrypted_identity(session_id), protocol=protocol)
+        usage = ledger.start_session(identity)
+        await ledger.close_session(usage, EndReason.DISCONNECT)
+    ledger.close()
+    code, out, _ = run_cli(["receipts", "list", "--ledger", str(ledger_path)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[-1] == "PROTOCOL"
+    assert [line.split()[-1] for line in lines[1:3]] == ["v1", "v2"]

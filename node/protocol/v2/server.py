@@ -282,7 +282,9 @@ class ServerConnectionV2:
             client_address=verified.client_address,
             model_name=terms.model,
             price_per_token=terms.price_per_token,
-            vector_database=None if terms.vector_db is None else {"name": terms.vector_db},
+            vector_database_json=None
+            if terms.vector_db is None
+            else json.dumps({"name": terms.vector_db}, ensure_ascii=True, separators=(",", ":")),
             protocol="v2",
         )
         self.session = session
