@@ -776,8 +776,9 @@ async def open_session(
     default) the host key is ``host_public_key`` or, when that is None, fetched from
     ``/v1/host-key``: for v1 confirmed with ``/v1/auth/challenge``, for v2 proven by the
     handshake itself (no challenge: a node with ``--no-v1-challenge`` serves v2 clients);
-    ``expected_host_address`` pins it (checked before any WebSocket). ``client_key`` signs the init (a fresh random key when None). ``padding`` (v2
-    only) asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
+    ``expected_host_address`` pins it (checked before any WebSocket). ``client_key`` signs
+    the init (a fresh random key when None). ``padding`` (v2 only) asks that records be
+    padded to a multiple of that many bytes (0, 16, ..., 256).
     ``websocket`` is an already-open connection to use instead of connecting to ``url``
     (custom transports, tests over memory streams); the caller stays responsible for closing
     it. ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's trust store;

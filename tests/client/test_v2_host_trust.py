@@ -50,16 +50,18 @@ async def test_v2_works_without_the_challenge(protocol: str) -> None:
 
 async def test_a_given_key_is_marked_verified_by_the_handshake() -> None:
     with trio.fail_after(GUARD_S):
-        async with run_node(protocols=V1_AND_V2, v1_challenge=False) as node:
-            async with open_session(
+        async with (
+            run_node(protocols=V1_AND_V2, v1_challenge=False) as node,
+            open_session(
                 node.url,
                 model="echo",
                 job_id=2,
                 protocol="v2",
                 host_public_key=node.host_key.public_key_hex,
-            ) as session:
-                assert session.host is not None
-                assert session.host.verified_by_handshake
+            ) as session,
+        ):
+            assert session.host is not None
+            assert session.host.verified_by_handshake
 
 
 async def test_v1_still_needs_the_challenge_and_says_so() -> None:
@@ -76,11 +78,13 @@ async def test_v1_still_needs_the_challenge_and_says_so() -> None:
 
 async def test_v1_with_the_challenge_on_is_verified_by_it() -> None:
     with trio.fail_after(GUARD_S):
-        async with run_node(protocols=V1_AND_V2) as node:
-            async with open_session(node.url, model="echo", job_id=4, protocol="v1") as session:
-                assert session.host is not None
-                assert session.host.verified_by_challenge
-                assert not session.host.verified_by_handshake
+        async with (
+            run_node(protocols=V1_AND_V2) as node,
+            open_session(node.url, model="echo", job_id=4, protocol="v1") as session,
+        ):
+            assert session.host is not None
+            assert session.host.verified_by_challenge
+            assert not session.host.verified_by_handshake
 
 
 @pytest.mark.parametrize("protocol", ["auto", "v2"])

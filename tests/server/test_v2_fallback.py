@@ -98,12 +98,14 @@ async def test_a_fallback_to_v1_runs_the_challenge_v2_skipped(node: RunningNode)
     """auto fetched the key for v2 without the challenge; after the fallback to v1 the
     key must be proven by the challenge before the v1 session uses it."""
     with trio.fail_after(GUARD_S):
-        async with v1_only_proxy(node) as url:
-            async with open_session(url, model="echo", job_id=6) as session:
-                assert session.protocol == "v1"
-                assert session.host is not None
-                assert session.host.verified_by_challenge
-                assert not session.host.verified_by_handshake
+        async with (
+            v1_only_proxy(node) as url,
+            open_session(url, model="echo", job_id=6) as session,
+        ):
+            assert session.protocol == "v1"
+            assert session.host is not None
+            assert session.host.verified_by_challenge
+            assert not session.host.verified_by_handshake
         await node.wait_no_connections()
 
 
