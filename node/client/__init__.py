@@ -12,6 +12,7 @@ same ``ClientSession`` / ``ResponseStream`` / ``Completion`` interface.
 from node.client.discovery import (
     HostIdentity,
     discover_host_key,
+    fetch_host_key,
     fetch_models,
     fetch_protocols,
     http_base_url,
@@ -72,6 +73,7 @@ __all__ = [
     "StreamTruncated",
     "UnexpectedFrame",
     "discover_host_key",
+    "fetch_host_key",
     "fetch_models",
     "fetch_protocols",
     "http_base_url",

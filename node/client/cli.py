@@ -65,8 +65,9 @@ def add_chat_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description=(
             "Send a prompt to a node and stream the answer. Without PROMPT, read prompts "
             "from stdin line by line (one connection, one session) until end of input. "
-            "The host key is learned from /v1/host-key and confirmed with a signed "
-            "challenge unless --host-pubkey gives it."
+            "The host key is learned from /v1/host-key unless --host-pubkey gives it; "
+            "protocol v2 proves it by its handshake, v1 by a signed challenge "
+            "(POST /v1/auth/challenge)."
         ),
     )
     p.add_argument("prompt", nargs="?", help="the prompt (omit for interactive mode)")
@@ -217,6 +218,17 @@ def _stats_line(completion: Completion) -> str:
     return printable("[" + ", ".join(parts) + "]")
 
 
+def _verified_by(session: ClientSession) -> str | None:
+    """How the node proved it holds the host key: its v2 handshake, the v1 challenge, or
+    None (plaintext; or a v1 session on a key given with --host-pubkey)."""
+    host = session.host
+    if host is None:
+        return None
+    if host.verified_by_handshake:
+        return "handshake"
+    return "challenge" if host.verified_by_challenge else None
+
+
 def _transcript(session: ClientSession, prompt: str, completion: Completion) -> dict[str, Any]:
     return {
         "prompt": prompt,
@@ -227,6 +239,7 @@ def _transcript(session: ClientSession, prompt: str, completion: Completion) -> 
         "timings": completion.timings(),
         "client_address": session.client_address,
         "host_address": session.host.address if session.host is not None else None,
+        "host_verified_by": _verified_by(session),
         "encrypted": session.encrypted,
         "protocol": session.protocol,
         "session_id": session.session_id,

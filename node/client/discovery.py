@@ -1,9 +1,12 @@
 """Node URLs, host key discovery and its challenge check (PROTOCOL.md section 7).
 
-Without a chain to look the host key up in, a client learns it from ``GET /v1/host-key``
-and confirms it with ``POST /v1/auth/challenge``: the node signs SHA256 of 32 random bytes
-the client chose, and the signature must recover to the key it announced. A client that
-knows which node it wants pins the node's address (``expected_address``).
+Without a chain to look the host key up in, a client learns it from ``GET /v1/host-key``.
+Protocol v1 confirms it with ``POST /v1/auth/challenge`` (:func:`discover_host_key`): the
+node signs SHA256 of 32 random bytes the client chose, and the signature must recover to
+the key it announced. Protocol v2 does not need the challenge (:func:`fetch_host_key`):
+its Noise NK handshake only completes with a node that holds the private key, so the
+handshake itself is the proof (``verified_by_handshake``). A client that knows which node
+it wants pins the node's address (``expected_address``), checked before any WebSocket.
 """
 
 from __future__ import annotations
@@ -32,11 +35,22 @@ DEFAULT_HTTP_TIMEOUT_S: Final = 10.0
 
 @attrs.frozen
 class HostIdentity:
-    """A node's host key (33-byte compressed) and its EIP-55 address."""
+    """A node's host key (33-byte compressed) and its EIP-55 address.
+
+    ``verified_by_challenge``: the node signed a v1 challenge with this key.
+    ``verified_by_handshake``: a protocol v2 handshake with this key completed, which only
+    a node holding its private key can do. Both False: the key is only announced or given.
+    """
 
     public_key: bytes
     address: str
     verified_by_challenge: bool = False
+    verified_by_handshake: bool = False
+
+    @property
+    def verified(self) -> bool:
+        """The node has proven that it holds this key (by challenge or handshake)."""
+        return self.verified_by_challenge or self.verified_by_handshake
 
     @property
     def public_key_hex(self) -> str:
@@ -177,8 +191,9 @@ async def _request_json(
         )
     if response.status_code == 403 and url.endswith("/v1/auth/challenge"):
         raise ConnectFailed(
-            "the node has turned its host-key challenge off (--no-v1-challenge): get its "
-            "host public key from the operator and pin it (--host-pubkey)"
+            "the node has turned its host-key challenge off (--no-v1-challenge): use "
+            "protocol v2 (its handshake proves the host key), or get the node's host "
+            "public key from the operator and pin it (--host-pubkey)"
         )
     if response.status_code != 200:
         raise ConnectFailed(f"{method} {url} answered HTTP {response.status_code}")
@@ -186,6 +201,51 @@ async def _request_json(
         return response.json()
     except ValueError:
         raise ConnectFailed(f"{method} {url} did not answer with JSON") from None
+
+
+async def _announced_identity(
+    client: httpx.AsyncClient, base: str, expected_address: str | None
+) -> HostIdentity:
+    """``GET /v1/host-key``: the key, its address checked against it and the pin."""
+    announced = await _request_json(client, "GET", base + "/v1/host-key")
+    if not isinstance(announced, dict) or not isinstance(announced.get("publicKey"), str):
+        raise HostVerificationFailed("/v1/host-key did not answer with a publicKey")
+    try:
+        identity = identity_from_public_key(announced["publicKey"])
+    except ValueError as exc:
+        raise HostVerificationFailed(f"/v1/host-key announced an invalid key: {exc}") from None
+    claimed = announced.get("address")
+    if not isinstance(claimed, str) or not constant_time_equal(
+        claimed.lower().encode(), identity.address.lower().encode()
+    ):
+        raise HostVerificationFailed(
+            "/v1/host-key announced an address that does not belong to its public key"
+        )
+    _check_pin(identity, expected_address)
+    return identity
+
+
+async def fetch_host_key(
+    url: str,
+    *,
+    expected_address: str | None = None,
+    timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+    transport: httpx.AsyncBaseTransport | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> HostIdentity:
+    """Fetch the node's announced host key without the v1 challenge (for protocol v2).
+
+    The key is not proven yet (both ``verified_by_*`` False): only a v2 handshake with it
+    proves the node holds it, so use it for v2 only. ``expected_address`` is checked here,
+    before any connection to the WebSocket. Raises like :func:`discover_host_key`.
+    """
+    if expected_address is not None:
+        normalize_address(expected_address)
+    base = http_base_url(url)
+    async with httpx.AsyncClient(
+        timeout=timeout_s, transport=transport, verify=ssl_context or True
+    ) as client:
+        return await _announced_identity(client, base, expected_address)
 
 
 async def discover_host_key(
@@ -197,11 +257,12 @@ async def discover_host_key(
     transport: httpx.AsyncBaseTransport | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> HostIdentity:
-    """Fetch the node's host key and prove the node holds it.
+    """Fetch the node's host key and prove the node holds it (the v1 challenge).
 
     Raises :class:`HostKeyMismatch` when ``expected_address`` is given and differs,
     :class:`HostVerificationFailed` when the challenge signature does not recover to the
-    announced key, :class:`ConnectFailed` when the routes cannot be used.
+    announced key, :class:`ConnectFailed` when the routes cannot be used (HTTP 403 from
+    the challenge route: the node runs with ``--no-v1-challenge``).
     """
     if expected_address is not None:
         normalize_address(expected_address)
@@ -209,22 +270,7 @@ async def discover_host_key(
     async with httpx.AsyncClient(
         timeout=timeout_s, transport=transport, verify=ssl_context or True
     ) as client:
-        announced = await _request_json(client, "GET", base + "/v1/host-key")
-        if not isinstance(announced, dict) or not isinstance(announced.get("publicKey"), str):
-            raise HostVerificationFailed("/v1/host-key did not answer with a publicKey")
-        try:
-            identity = identity_from_public_key(announced["publicKey"])
-        except ValueError as exc:
-            raise HostVerificationFailed(f"/v1/host-key announced an invalid key: {exc}") from None
-        claimed = announced.get("address")
-        if not isinstance(claimed, str) or not constant_time_equal(
-            claimed.lower().encode(), identity.address.lower().encode()
-        ):
-            raise HostVerificationFailed(
-                "/v1/host-key announced an address that does not belong to its public key"
-            )
-        _check_pin(identity, expected_address)
-
+        identity = await _announced_identity(client, base, expected_address)
         challenge = rng(32)
         answer = await _request_json(
             client, "POST", base + "/v1/auth/challenge", json_body={"challenge": challenge.hex()}

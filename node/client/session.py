@@ -38,6 +38,7 @@ from node.client.discovery import (
     connection_failure_cause,
     discover_host_key,
     endpoint_protocol,
+    fetch_host_key,
     fetch_protocols,
     identity_from_public_key,
     websocket_url,
@@ -772,10 +773,12 @@ async def open_session(
     or when the ``/v2/ws`` upgrade is refused over HTTP (a proxy that only forwards
     ``/v1/ws``), never after a failed v2 handshake; ``v1`` or ``v2`` pins one (a session
     pinned to v2 never falls back; see :func:`choose_protocol`). In encrypted mode (the
-    default) the host key is ``host_public_key`` or, when that is None, discovered with
-    ``/v1/host-key`` and confirmed with ``/v1/auth/challenge``; ``expected_host_address``
-    pins it. ``client_key`` signs the init (a fresh random key when None). ``padding`` (v2
-    only) asks that records be padded to a multiple of that many bytes (0, 16, ..., 256).
+    default) the host key is ``host_public_key`` or, when that is None, fetched from
+    ``/v1/host-key``: for v1 confirmed with ``/v1/auth/challenge``, for v2 proven by the
+    handshake itself (no challenge: a node with ``--no-v1-challenge`` serves v2 clients);
+    ``expected_host_address`` pins it (checked before any WebSocket). ``client_key`` signs
+    the init (a fresh random key when None). ``padding`` (v2 only) asks that records be
+    padded to a multiple of that many bytes (0, 16, ..., 256).
     ``websocket`` is an already-open connection to use instead of connecting to ``url``
     (custom transports, tests over memory streams); the caller stays responsible for closing
     it. ``ssl_context`` verifies an ``https``/``wss`` node (None: the system's trust store;
@@ -798,13 +801,23 @@ async def open_session(
     host: HostIdentity | None = None
     if encrypted:
         if host_public_key is None:
-            host = await discover_host_key(
-                url,
-                expected_address=expected_host_address,
-                timeout_s=connect_timeout,
-                rng=rng,
-                ssl_context=ssl_context,
-            )
+            # v2: the handshake proves the node holds the key, so the v1 challenge (which
+            # a node may turn off) is not run; the pin is still checked before connecting.
+            if chosen == "v2":
+                host = await fetch_host_key(
+                    url,
+                    expected_address=expected_host_address,
+                    timeout_s=connect_timeout,
+                    ssl_context=ssl_context,
+                )
+            else:
+                host = await discover_host_key(
+                    url,
+                    expected_address=expected_host_address,
+                    timeout_s=connect_timeout,
+                    rng=rng,
+                    ssl_context=ssl_context,
+                )
         else:
             host = identity_from_public_key(host_public_key, expected_address=expected_host_address)
     key = client_key if client_key is not None else random_client_key(rng)
@@ -831,6 +844,15 @@ async def open_session(
                 )
                 chosen = "v1"
                 ws_url = websocket_url(url, chosen)
+                if host is not None and host_public_key is None and not host.verified:
+                    # Fetched for v2 without the challenge: v1 needs the challenge's proof.
+                    host = await discover_host_key(
+                        url,
+                        expected_address=expected_host_address,
+                        timeout_s=connect_timeout,
+                        rng=rng,
+                        ssl_context=ssl_context,
+                    )
                 ws = await _connect(stack, ws_url, connect_timeout, ssl_context)
         settings: dict[str, Any] = {
             "ws_url": ws_url,

@@ -7,7 +7,9 @@ made and checked by the sans-I/O :class:`~node.protocol.v2.ClientConnectionV2`; 
 module moves frames and runs the timers.
 
 What v2 adds for the caller: the node proves in band that it holds the host key (a node
-without it cannot finish the handshake: :class:`HostVerificationFailed`); every record
+without it cannot finish the handshake: :class:`HostVerificationFailed`, and after the
+handshake ``session.host.verified_by_handshake`` is True; no v1 challenge is needed);
+every record
 is authenticated in order, so a tampered, dropped, reordered, duplicated or replayed
 frame breaks the session (:class:`ChunkAuthenticationFailed`) and wipes its keys; an
 answer is complete only with its END record, so a stream cut short raises
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Final
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -48,8 +51,10 @@ from node.client.receiver import (
 )
 from node.client.session import ClientSession, ResponseStream, _reason
 from node.crypto.secret import constant_time_equal
+from node.protocol.errors import CLOSE_POLICY_VIOLATION
 from node.protocol.messages import Usage
 from node.protocol.v2 import (
+    HANDSHAKE_FAILED_REASON,
     PADDING_CHOICES,
     Chunk,
     ClientConnectionV2,
@@ -82,6 +87,17 @@ _REQUEST_FIELDS: Final = (
     "stop",
     "seed",
 )
+
+
+def _handshake_refused(exc: ConnectionClosed) -> bool:
+    """The node's close of a v2 connection whose message 1 it could not open (1008
+    "handshake failed", docs/PROTOCOL_V2.md): sent by a node without the host key."""
+    reason = exc.reason
+    return (
+        reason is not None
+        and reason.code == CLOSE_POLICY_VIOLATION
+        and reason.reason == HANDSHAKE_FAILED_REASON
+    )
 
 
 def client_error(exc: V2ClientError) -> ClientError:
@@ -202,6 +218,9 @@ class ClientSessionV2(ClientSession):
         self.client_address = event.client_address
         self.session_id = event.session_id
         self.inits += 1
+        # Only a node holding the host key's private key completes the handshake.
+        assert self.host is not None
+        self.host = attrs.evolve(self.host, verified_by_handshake=True)
 
     async def _init(self) -> None:
         """v2 keeps one session per connection; its keys rotate by themselves."""
@@ -286,6 +305,16 @@ class ClientSessionV2(ClientSession):
             try:
                 frame = await self._ws.get_message()
             except ConnectionClosed as exc:
+                if self._conn.handshake_hash is None and _handshake_refused(exc):
+                    self._conn.connection_lost()
+                    assert self.host is not None
+                    raise HostVerificationFailed(
+                        "the node closed the connection without answering the v2 handshake "
+                        f"({_reason(exc)}): it could not open message 1 with host key "
+                        f"{self.host.address}, so it does not hold that key (wrong "
+                        "--host-pubkey or --expect-host-address, or not the node the key "
+                        "belongs to)"
+                    ) from None
                 try:
                     self._conn.connection_lost()
                 except V2ClientError:

@@ -39,6 +39,7 @@ from node.client import (
     NodeErrorResponse,
     ResponseStream,
     discover_host_key,
+    fetch_host_key,
     http_base_url,
     open_session,
     random_client_key,
@@ -216,13 +217,19 @@ class SessionPool:
         max_concurrency: int = 4,
         **kwargs: Any,
     ) -> AsyncIterator[Self]:
-        """Check the node (host key by challenge, the pin, protocols) and start the pool.
+        """Check the node (protocols, host key, the pin) and start the pool.
 
-        Raises :class:`ClientError` subclasses when the node cannot be used and
-        :class:`ProtocolUnavailable` when no allowed protocol is shared.
+        The host key comes from ``/v1/host-key`` and must match ``expected_host_address``.
+        For v2 the v1 challenge is not run (each session's handshake proves the node holds
+        the key, so a node with ``--no-v1-challenge`` serves the proxy); for v1 the
+        challenge must succeed. Raises :class:`ClientError` subclasses when the node
+        cannot be used and :class:`ProtocolUnavailable` when no allowed protocol is shared.
         """
-        host = await discover_host_key(url, expected_address=expected_host_address)
         chosen = choose_protocol(protocol, await fetch_protocols(url), allow_v1=allow_v1)
+        if chosen == "v2":
+            host = await fetch_host_key(url, expected_address=expected_host_address)
+        else:
+            host = await discover_host_key(url, expected_address=expected_host_address)
         key = client_key if client_key is not None else random_client_key()
         async with trio.open_nursery() as nursery:
             pool = cls(

@@ -195,6 +195,7 @@ def test_protocol_choice(node_process: NodeProcess, flag: list[str], expected: s
     assert result.returncode == 0, result.stderr
     transcript = json.loads(result.stdout)
     assert transcript["protocol"] == expected
+    assert transcript["host_verified_by"] == {"v1": "challenge", "v2": "handshake"}[expected]
     assert transcript["text"] == "which protocol"
     assert "falling back" not in result.stderr
     assert "does not offer protocol v2" not in result.stderr
@@ -204,3 +205,64 @@ def test_protocol_v2_is_never_plaintext() -> None:
     result = chat("--protocol", "v2", "--plaintext", "hi")
     assert result.returncode == 2
     assert "error [INVALID_ARGUMENT]: --protocol v2 is always encrypted" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def no_challenge_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A node started with ``--no-v1-challenge`` (POST /v1/auth/challenge answers 403)."""
+    tmp = tmp_path_factory.mktemp("node-no-challenge")
+    host_key = HostKey.generate()
+    env = _client_env()
+    env["HOST_PRIVATE_KEY"] = host_key.private_key_hex()
+    try:
+        with echo_node_process(
+            tmp / "l.sqlite3", env, startup_s=STARTUP_S, extra_args=("--no-v1-challenge",)
+        ) as (url, log):
+            refused = httpx.post(url + "/v1/auth/challenge", json={"challenge": "00" * 32})
+            assert refused.status_code == 403
+            yield NodeProcess(url, host_key, log)
+    finally:
+        host_key.wipe()
+
+
+@pytest.mark.parametrize("flag", [[], ["--protocol", "v2"]])
+def test_chat_over_v2_needs_no_challenge(no_challenge_node: NodeProcess, flag: list[str]) -> None:
+    result = chat(
+        "--url",
+        no_challenge_node.url,
+        *flag,
+        "--expect-host-address",
+        no_challenge_node.host_key.address,
+        "--json",
+        "proven by the handshake",
+    )
+    assert result.returncode == 0, result.stderr
+    transcript = json.loads(result.stdout)
+    assert transcript["protocol"] == "v2"
+    assert transcript["text"] == "proven by the handshake"
+    assert transcript["host_address"] == no_challenge_node.host_key.address
+    assert transcript["host_verified_by"] == "handshake"
+
+
+def test_chat_over_v1_without_the_challenge_fails_clearly(no_challenge_node: NodeProcess) -> None:
+    result = chat("--url", no_challenge_node.url, "--protocol", "v1", "hi")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "error [CONNECT_FAILED]" in result.stderr
+    assert "--no-v1-challenge" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_over_v2_refuses_a_wrong_pin_first(no_challenge_node: NodeProcess) -> None:
+    result = chat(
+        "--url",
+        no_challenge_node.url,
+        "--protocol",
+        "v2",
+        "--expect-host-address",
+        "0x" + "00" * 19 + "01",
+        "hi",
+    )
+    assert result.returncode == 1
+    assert "error [HOST_KEY_MISMATCH]" in result.stderr
+    assert no_challenge_node.host_key.address in result.stderr

@@ -194,9 +194,10 @@ async def test_man_in_the_middle_with_another_static_key_is_refused() -> None:
                 ):
                     pass
             nursery.cancel_scope.cancel()
-        # 2. A real node with another host key cannot even read message 1.
+        # 2. A real node with another host key cannot even read message 1: it closes
+        #    without message 2, which the client reports as host verification failed.
         async with v2_node(host_key=other) as impostor:
-            with pytest.raises(StreamTruncated):
+            with pytest.raises(HostVerificationFailed, match="does not hold that key"):
                 async with open_session(
                     impostor.url.replace("http", "ws") + "/v2/ws",
                     model="echo",

@@ -18,6 +18,7 @@ from node.protocol.v2.client import (
     V2ClientError,
 )
 from node.protocol.v2.records import (
+    HANDSHAKE_FAILED_REASON,
     HANDSHAKE_TIMEOUT_S,
     MAX_BODY,
     MAX_FRAME,
@@ -36,6 +37,7 @@ from node.protocol.v2.server import (
 from node.protocol.v2.session import SessionTerms, signed_text
 
 __all__ = [
+    "HANDSHAKE_FAILED_REASON",
     "HANDSHAKE_TIMEOUT_S",
     "MAX_BODY",
     "MAX_FRAME",

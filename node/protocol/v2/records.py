@@ -25,6 +25,8 @@ MAX_HANDSHAKE_PAYLOAD: Final = 1024  # plaintext bytes of payload1 / payload2
 MIN_HANDSHAKE_MESSAGE: Final = PUBLIC_KEY_LEN + TAG_LEN
 MAX_HANDSHAKE_MESSAGE: Final = PUBLIC_KEY_LEN + MAX_HANDSHAKE_PAYLOAD + TAG_LEN
 HANDSHAKE_TIMEOUT_S: Final = 10.0  # msg1 received -> session record received
+#: The close reason (code 1008) of a node that cannot open message 1: it lacks the host key.
+HANDSHAKE_FAILED_REASON: Final = "handshake failed"
 
 HEADER_LEN: Final = 5
 MAX_BODY: Final = 65536

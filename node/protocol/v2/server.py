@@ -189,7 +189,7 @@ class ServerConnectionV2:
             )
             msg2 = hs.write_message(reply)
         except (NodeError, ValueError):
-            return self._fatal(CLOSE_POLICY_VIOLATION, "handshake failed")
+            return self._fatal(CLOSE_POLICY_VIOLATION, r.HANDSHAKE_FAILED_REASON)
         self.handshake_hash = hs.handshake_hash
         self._send, self._recv = hs.transport(r.REKEY_EVERY)
         self._handshake = None
