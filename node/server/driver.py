@@ -10,6 +10,7 @@ coalesces whatever has queued up, seals it with the session key and writes one f
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
@@ -159,7 +160,7 @@ def _wire_error(exc: NodeError) -> NodeError:
     return exc
 
 
-class StreamingDriver:
+class StreamingDriver(abc.ABC):
     """What every protocol's connection driver shares.
 
     The connection scope (counting, key wiping in ``finally``), the request task (backend,
@@ -188,36 +189,41 @@ class StreamingDriver:
     # -------------------------------------------------------------- hooks
 
     @property
-    def streaming(self) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def streaming(self) -> bool: ...
 
+    @abc.abstractmethod
     def live_state(self) -> tuple[str, int, int, int, int]:
         """(protocol, keys held, key bytes held, encrypted sessions, plaintext sessions)."""
-        raise NotImplementedError
+        ...
 
-    def wipe_keys(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def wipe_keys(self) -> None: ...
 
+    @abc.abstractmethod
     def _request_open(self) -> bool:
         """Whether the request's connection state still exists (not closed underneath)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _delivered(self) -> int:
         """Completion tokens sent so far for the active request."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _seal_piece(self, text: str, tokens: int) -> str | bytes | None:
         """One frame for one piece of the active request; None when the connection's
         state was closed underneath the sender (then nothing more is sent)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     async def _end_request(
         self, finish: str, prompt_tokens: int, delivered: int, error: NodeError | None
     ) -> None:
         """Send the closing frames of the active request."""
-        raise NotImplementedError
+        ...
 
-    async def _before_accounting(
+    async def _before_accounting(  # noqa: B027 - an optional hook, empty by default
         self, finish: str, prompt_tokens: int, delivered: int, error: NodeError | None
     ) -> None:
         """Send what of the answer's end may go before its usage is recorded (nothing,
