@@ -11,6 +11,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -219,6 +220,27 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_interval(values: Sequence[float]) -> tuple[float, float]:
+    """A distribution-free ~95% confidence interval of the median of ``values``.
+
+    The k-th smallest and k-th largest value, with k the largest rank for which the
+    number of values below the true median (Binomial(n, 1/2)) falls below k with
+    probability at most 2.5%; (nan, nan) when n is too small for any such k (n < 6).
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    k = 0
+    below = 0.0  # P(Binomial(n, 1/2) <= j - 1), summed as j grows
+    for j in range(1, n // 2 + 1):
+        below += math.comb(n, j - 1) / 2**n
+        if below > 0.025:
+            break
+        k = j
+    if k == 0:
+        return float("nan"), float("nan")
+    return ordered[k - 1], ordered[n - k]
 
 
 # --------------------------------------------------------------------- child processes
@@ -1020,7 +1042,8 @@ def direct_model_main(args: Any) -> None:
 
     Loads the same GGUF file with the same settings, renders the prompt with the model's
     own chat template, then per ``go`` line runs one greedy generation and reports the
-    first-token time and the decode rate. Output text is reported as a SHA-256 only.
+    first-token time and the decode rate (``go N``: at most N tokens this time, instead of
+    ``--max-tokens``). Output text is reported as a SHA-256 only.
     """
     import llama_cpp
     from llama_cpp import llama_chat_format
@@ -1052,6 +1075,8 @@ def direct_model_main(args: Any) -> None:
     for line in sys.stdin:
         if not line.startswith("go"):
             break
+        words = line.split()
+        limit = int(words[1]) if len(words) > 1 else args.max_tokens  # "go [max_tokens]"
         t0 = time.monotonic()
         rendered = formatter(messages=[{"role": "user", "content": args.prompt_text}])
         ids = llm.tokenize(
@@ -1069,7 +1094,7 @@ def direct_model_main(args: Any) -> None:
             t_last = time.monotonic()
             if count == 1:
                 t_first = t_last
-            if count >= args.max_tokens:
+            if count >= limit:
                 break
         emit(
             {
