@@ -155,6 +155,27 @@ def group_cpu_seconds(pid: int) -> float:
     return total
 
 
+def run_queue_wait_s(pid: int | str = "self") -> float:
+    """Seconds the threads of a process have spent runnable but waiting for a CPU.
+
+    The sum of ``run_delay`` (the second field of ``/proc/<pid>/task/*/schedstat``) over
+    the live threads: time taken from the process by other work on the machine (its own
+    threads included). NaN where the kernel does not keep these counters.
+    """
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return float("nan")
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all processes of the machine have used since boot (from /proc/stat)."""
     try:
@@ -393,6 +414,7 @@ class Stats:
         self.t_start = float("inf")
         self.t_end = 0.0
         self.first_token_s: list[float] = []
+        self.first_token_wait_s: list[float] = []  # the watched process's run-queue wait
         self.decode_tok_s: list[float] = []
         self.latencies_ms: list[float] = []
         self.worst_gaps_ms: list[float] = []
@@ -417,6 +439,7 @@ class Stats:
             "t_start": self.t_start if self.requests else None,
             "t_end": self.t_end if self.requests else None,
             "first_token_s": self.first_token_s,
+            "first_token_wait_s": self.first_token_wait_s,
             "decode_tok_s": self.decode_tok_s,
             "request_s": self.request_s,
             "latencies_ms": [round(x, 3) for x in self.latencies_ms] if with_latencies else [],
@@ -438,6 +461,7 @@ class ClientConfig:
         self.prompt: str = args.prompt_text if args.prompt_text else bench_prompt(args.prompt_words)
         self.verify_echo = not args.prompt_text
         self.max_tokens: int | None = args.max_tokens
+        self.watch_pid: int = args.watch_pid  # 0: none (see Stats.first_token_wait_s)
         self.temperature: float | None = args.temperature
         self.slow_s: float = args.slow_ms / 1000.0
         self.delay_s: float = args.delay_ms / 1000.0
@@ -675,6 +699,8 @@ class BenchConnection:
         nbytes = 0
         chunks = 0
         finished = False
+        watch = cfg.watch_pid
+        wait0 = wait_first = run_queue_wait_s(watch) if watch else 0.0
         t0 = monotonic()
         stats.t_start = min(stats.t_start, t0)
         # The longest wait of this stream between two of its frames (data chunks and the
@@ -744,6 +770,8 @@ class BenchConnection:
                     if chunks == 1:
                         t_first = now
                         first_tokens = tokens
+                        if watch:
+                            wait_first = run_queue_wait_s(watch)
                     t_last = now
                     pieces.append(piece)
                     if cfg.record_latency:
@@ -769,6 +797,8 @@ class BenchConnection:
             stats.error("echo text mismatch")
         if chunks:
             stats.first_token_s.append(t_first - t0)
+            if watch:
+                stats.first_token_wait_s.append(wait_first - wait0)
             if t_last > t_first:
                 stats.decode_tok_s.append((cum - first_tokens) / (t_last - t_first))
         stats.text_sha256.append(hashlib.sha256(text_bytes).hexdigest())
@@ -1077,6 +1107,7 @@ def direct_model_main(args: Any) -> None:
             break
         words = line.split()
         limit = int(words[1]) if len(words) > 1 else args.max_tokens  # "go [max_tokens]"
+        wait0 = wait_first = run_queue_wait_s()
         t0 = time.monotonic()
         rendered = formatter(messages=[{"role": "user", "content": args.prompt_text}])
         ids = llm.tokenize(
@@ -1094,6 +1125,7 @@ def direct_model_main(args: Any) -> None:
             t_last = time.monotonic()
             if count == 1:
                 t_first = t_last
+                wait_first = run_queue_wait_s()
             if count >= limit:
                 break
         emit(
@@ -1101,6 +1133,7 @@ def direct_model_main(args: Any) -> None:
                 "event": "result",
                 "tokens": count,
                 "first_token_s": t_first - t0,
+                "first_token_wait_s": wait_first - wait0,
                 "decode_tok_s": (count - 1) / (t_last - t_first) if count > 1 else 0.0,
                 "text_sha256": hashlib.sha256(bytes(out)).hexdigest(),
                 "prompt_tokens": len(ids),

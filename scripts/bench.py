@@ -131,6 +131,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": 0,
         "error_samples": [],
         "first_token_s": [],
+        "first_token_wait_s": [],
         "decode_tok_s": [],
         "latencies_ms": [],
         "worst_gaps_ms": [],
@@ -146,6 +147,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         for key in (
             "error_samples",
             "first_token_s",
+            "first_token_wait_s",
             "decode_tok_s",
             "latencies_ms",
             "worst_gaps_ms",
@@ -1468,9 +1470,16 @@ class Bench:
             ]
 
         client = await self.start_clients("b5-client", port, options=client_options(max_tokens))
-        # First-token rounds: a second session whose requests stop after a few tokens.
+        # First-token rounds: a second session whose requests stop after a few tokens; its
+        # client also reads how long the node's threads waited for a CPU meanwhile.
         short = await self.start_clients(
-            "b5-first", port, options=client_options(B5_FIRST_TOKEN_MAX_TOKENS)
+            "b5-first",
+            port,
+            options=[
+                *client_options(B5_FIRST_TOKEN_MAX_TOKENS),
+                "--watch-pid",
+                str(node.pid),
+            ],
         )
 
         async def run_direct(tokens: int = max_tokens) -> dict[str, Any]:
@@ -1530,6 +1539,20 @@ class Bench:
         ]
         diff_ms = lib.median(diffs_ms)
         low, high = lib.median_interval(diffs_ms)
+        # The same pairs with each side's run-queue wait (time its threads were ready to
+        # run but other work held the CPUs) taken out of its first-token time.
+        busy_ms = [
+            1000
+            * (
+                (n["first_token_s"][0] - n["first_token_wait_s"][0])
+                - (d["first_token_s"] - d["first_token_wait_s"])
+            )
+            for n, d in zip(first["node"], first["direct"], strict=True)
+            if n["first_token_s"] and n["first_token_wait_s"]
+        ]
+        waits_ms = [1000 * w for r in first["node"] for w in r["first_token_wait_s"]] + [
+            1000 * r["first_token_wait_s"] for r in first["direct"]
+        ]
         node_first = lib.median(
             [r["first_token_s"][0] for r in first["node"] if r["first_token_s"]]
         )
@@ -1555,6 +1578,9 @@ class Bench:
             "first_token_diff_ci95_ms": [low, high],
             "first_token_diff_in_decode_rounds_ms": long_first,
             "first_token_echo_ms": [round(x, 3) for x in echo_ms],
+            "first_token_node_wait_s": [r["first_token_wait_s"] for r in first["node"]],
+            "first_token_direct_wait_s": [r["first_token_wait_s"] for r in first["direct"]],
+            "first_token_diff_without_wait_ms": [round(d, 3) for d in busy_ms],
             "same_output": same,
         }
         note = "same greedy text" if same else "TEXT DIFFERS"
@@ -1584,6 +1610,18 @@ class Bench:
                 f"first token, fastest quarter of each side: node p25 - direct p25 "
                 f"({node_q1:.1f} vs {direct_q1:.1f} ms)",
                 node_q1 - direct_q1,
+                "ms",
+                note="info",
+            )
+        )
+        b_low, b_high = lib.median_interval(busy_ms)
+        self.add(
+            Row(
+                "B5",
+                f"first token: node - direct, each less its run-queue wait, same pairs "
+                f"(95% CI {b_low:+.1f} to {b_high:+.1f}; waits p50 "
+                f"{lib.percentile(waits_ms, 50):.1f}, max {max(waits_ms, default=0):.1f} ms)",
+                lib.median(busy_ms),
                 "ms",
                 note="info",
             )
@@ -1763,6 +1801,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-words", type=int, default=1000)
     p.add_argument("--prompt-text", default="")
     p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--watch-pid", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--slow-ms", type=float, default=0.0)
