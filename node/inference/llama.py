@@ -7,7 +7,10 @@ is not thread-safe, so every request for an instance is serialized behind a fair
 :class:`RateLimited` instead of queueing without bound (the client can retry or go to
 another node; an unbounded queue would only turn overload into timeouts).
 
-Generation runs in a worker thread so the event loop stays responsive. The thread hands
+Generation runs in a worker thread so the event loop stays responsive; the same thread
+first renders the chat template and tokenizes the prompt (one thread start per request
+before the first token, not two), and the prompt token count is reported to ``emit``
+once that thread has ended, also after a cancel or a failure. The thread hands
 pieces to the calling Trio task through a bounded buffer (:class:`PieceHandoff`): it
 appends each piece and goes on with the next token without waiting for the event loop,
 which drains the buffer and awaits ``emit`` per piece (so ``emit``'s back-pressure
@@ -106,6 +109,7 @@ class _Plan:
 
 @attrs.define
 class _RunStats:
+    prompt_tokens: int | None = None  # set by the thread once the prompt is tokenized
     completion_tokens: int = 0
     finish_reason: str = "length"
     first_token_s: float | None = None
@@ -231,28 +235,34 @@ class LlamaBackend:
 
         async with self._queue_slot():
             started = time.perf_counter()
-            plan = await trio.to_thread.run_sync(self._plan_sync, request)
-            report_prompt_tokens(emit, len(plan.prompt_ids))
             stats = _RunStats()
             handoff: PieceHandoff[None] = PieceHandoff(self._handoff_capacity)
             try:
-                await handoff.run(lambda h: self._run_sync(plan, h, stats), emit)
+                # The model's thread also templates and tokenizes the request: one thread
+                # hand-off before the prompt's evaluation starts, not two.
+                await handoff.run(lambda h: self._run_sync(request, h, stats), emit)
             except BaseException as exc:
-                stats.finish_reason = "cancelled" if isinstance(exc, trio.Cancelled) else "error"
-                self._log_stats(stats, len(plan.prompt_ids), time.perf_counter() - started)
+                if stats.prompt_tokens is not None:  # planned: the prompt was (being) used
+                    report_prompt_tokens(emit, stats.prompt_tokens)
+                    stats.finish_reason = (
+                        "cancelled" if isinstance(exc, trio.Cancelled) else "error"
+                    )
+                    self._log_stats(stats, time.perf_counter() - started)
                 raise
-            self._log_stats(stats, len(plan.prompt_ids), time.perf_counter() - started)
+            # run() returned, so the thread has ended and its stats are complete.
+            assert stats.prompt_tokens is not None
+            report_prompt_tokens(emit, stats.prompt_tokens)
+            self._log_stats(stats, time.perf_counter() - started)
 
-        prompt_tokens = len(plan.prompt_ids)
         return GenerationResult(
             finish_reason=stats.finish_reason,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=stats.prompt_tokens,
             completion_tokens=stats.completion_tokens,
         )
 
     # ----------------------------------------------------------------- helpers
 
-    def _log_stats(self, stats: _RunStats, prompt_tokens: int, elapsed: float) -> None:
+    def _log_stats(self, stats: _RunStats, elapsed: float) -> None:
         """One INFO line per request: counts and timings, never any text."""
         n = stats.completion_tokens
         rate = (n - 1) / stats.decode_s if n > 1 and stats.decode_s > 0 else 0.0
@@ -262,7 +272,7 @@ class LlamaBackend:
             "first_token_ms=%.0f tokens_per_s=%.1f total_s=%.2f",
             self.model_id,
             stats.finish_reason,
-            prompt_tokens,
+            stats.prompt_tokens or 0,
             n,
             first_ms,
             rate,
@@ -394,13 +404,19 @@ class LlamaBackend:
         if self._closing.is_set():
             raise InferenceFailed("the model backend is shutting down")
 
-    def _run_sync(self, plan: _Plan, handoff: PieceHandoff[None], stats: _RunStats) -> None:
-        """The worker thread: evaluate the prompt, sample, hand pieces to the Trio task.
+    def _run_sync(
+        self, request: GenerationRequest, handoff: PieceHandoff[None], stats: _RunStats
+    ) -> None:
+        """The worker thread: template and tokenize the request, evaluate the prompt,
+        sample, hand pieces to the Trio task.
 
-        ``stats`` is filled in as it goes, so the caller can log it even after a cancel.
+        ``stats`` is filled in as it goes, so the caller can log it (and report the prompt
+        tokens) even after a cancel; the caller reads it only once this thread has ended.
         """
         llama = self._llama
         started = time.perf_counter()
+        plan = self._plan_sync(request)
+        stats.prompt_tokens = len(plan.prompt_ids)
         ids = plan.prompt_ids
         try:
             llama.reset()

@@ -51,6 +51,12 @@ class Recorder:
         self.times: list[float] = []
         self.returned = False
         self.after_return = 0
+        self.prompt_reports: list[int] = []
+
+    def prompt_tokens_known(self, count: int, estimated: bool = False) -> None:
+        trio.lowlevel.current_task()  # reported in the Trio task, not in the worker thread
+        assert not estimated
+        self.prompt_reports.append(count)
 
     async def __call__(self, piece: Piece) -> None:
         trio.lowlevel.current_task()  # emit runs in the Trio task, not in the worker thread
@@ -212,9 +218,36 @@ async def test_cancel_during_prompt_processing(backend: LlamaBackend) -> None:
     assert (await out.run(backend, greedy(max_tokens=2))).completion_tokens >= 1
 
 
+async def test_prompt_tokens_reported_once_after_success_and_after_cancel(
+    backend: LlamaBackend,
+) -> None:
+    out = Recorder()
+    result = await out.run(backend, greedy(max_tokens=2))
+    assert out.prompt_reports == [result.prompt_tokens]
+    assert result.prompt_tokens == backend.count_prompt_tokens(greedy())
+
+    # Cancelled while the model's thread tokenizes or evaluates the prompt (the Trio side
+    # is blocked waiting for the first piece): the count still reaches emit, once.
+    huge = "the quick brown fox jumps over the lazy dog " * 95
+    expected = backend.count_prompt_tokens(greedy(huge))
+    cancelled = Recorder()
+    async with trio.open_nursery() as nursery:
+
+        async def cancel_when_blocked() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_when_blocked)
+        await cancelled.run(backend, greedy(huge))
+    assert not cancelled.returned
+    assert cancelled.prompt_reports == [expected]
+
+
 async def test_prompt_too_long(backend: LlamaBackend) -> None:
+    out = Recorder()
     with pytest.raises(TokenLimitExceeded) as info:
-        await backend.generate(greedy("word " * 3000), Recorder())
+        await backend.generate(greedy("word " * 3000), out)
+    assert out.prompt_reports == []  # refused before any evaluation: nothing to account
     error = info.value
     assert error.code is ErrorCode.TOKEN_LIMIT_EXCEEDED
     assert error.context_window == N_CTX
