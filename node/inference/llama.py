@@ -269,7 +269,7 @@ class LlamaBackend:
         first_ms = stats.first_token_s * 1000 if stats.first_token_s is not None else -1.0
         logger.info(
             "generation finished: model=%s finish=%s prompt_tokens=%d completion_tokens=%d "
-            "first_token_ms=%.0f tokens_per_s=%.1f total_s=%.2f",
+            "first_token_ms=%.1f tokens_per_s=%.1f total_s=%.2f",
             self.model_id,
             stats.finish_reason,
             stats.prompt_tokens or 0,
