@@ -1662,6 +1662,18 @@ class Bench:
                 note="info",
             )
         )
+        w_low, w_high = lib.median_interval(busy_ms)
+        self.add(
+            Row(
+                "B5",
+                f"first token: node - direct, each less its run-queue wait, same pairs "
+                f"(95% CI {w_low:+.1f} to {w_high:+.1f}; waits p50 "
+                f"{lib.median(waits_ms):.1f}, max {max(waits_ms, default=0.0):.1f} ms)",
+                lib.median(busy_ms),
+                "ms",
+                note="info",
+            )
+        )
         self.add(
             Row(
                 "B5",
