@@ -125,6 +125,9 @@ def _required_str(payload: Mapping[str, Any], name: str) -> str:
     return value
 
 
+_ZERO_SALT_HEX: Final = "0" * 64
+
+
 def parse_init_payload(payload: object) -> InitPayload:
     """Steps 1 and 2: shape, hex and sizes. The on-curve check happens when opening."""
     if payload is None:
@@ -153,7 +156,7 @@ def parse_init_payload(payload: object) -> InitPayload:
         raise InvalidPayload("ciphertextHex is shorter than the 16-byte tag")
     aad = decode_hex(aad_hex, "aadHex")
 
-    if salt_hex is None or salt_hex == "":
+    if salt_hex is None or salt_hex == "" or salt_hex == _ZERO_SALT_HEX:  # the SDK's
         salt = ZERO_SALT
     elif isinstance(salt_hex, str):
         salt = decode_hex(salt_hex, "saltHex")
