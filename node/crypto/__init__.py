@@ -23,9 +23,9 @@ def derive_shared_key(peer_public_key: bytes, host_key: HostKey) -> SecretBytes:
     """
     from node.crypto.kdf import hkdf_sha256_fast32
 
-    point = parse_public_key(peer_public_key)
-    with host_key.ecdh_x(point) as shared:
-        return SecretBytes.take(hkdf_sha256_fast32(shared.reveal()))
+    shared, _ = host_key.ecdh_x_sec1(peer_public_key)
+    with shared:
+        return SecretBytes.take(hkdf_sha256_fast32(shared.live_buffer()))
 
 
 __all__ = [

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from coincurve import PrivateKey, PublicKey
 
+from node.crypto import secp
 from node.crypto.curve import (
     SECP256K1_N,
     address_of,
@@ -102,6 +103,13 @@ class HostKey:
         self._key()
         return ecdh_x(self._scalar.view(), peer)
 
+    def ecdh_x_sec1(self, peer: bytes, *, field: str = "public key") -> tuple[SecretBytes, bytes]:
+        """ECDH with a peer's SEC1 encoding (33 or 65 bytes), parsed and checked here:
+        ``(x, the peer's compressed form)``; see :func:`node.crypto.secp.ecdh_x`. The
+        scalar is read in place from its wipeable buffer."""
+        self._key()
+        return secp.ecdh_x(self._scalar.live_buffer(), peer, field=field)
+
     def noise_keypair(self) -> KeyPair:
         """The host key as a Noise static key pair for protocol v2. It borrows the
         scalar buffer: wiping the key pair leaves it alone; :meth:`wipe` zeroes it."""
@@ -133,7 +141,8 @@ class HostKey:
         keys, never the keys themselves.
         """
         self._key()
-        return hmac.digest(self._fingerprint_key.view(), data.view(), "sha256")
+        # hmac reads both buffers in place (no copy of either secret is made)
+        return hmac.digest(self._fingerprint_key.live_buffer(), data.live_buffer(), "sha256")
 
     def private_key_hex(self) -> str:
         """The private key as ``0x`` hex. Only ``llm-node keygen`` calls this."""

@@ -39,7 +39,7 @@ def hkdf_sha256(
     return out
 
 
-def hkdf_sha256_fast32(ikm: bytes) -> bytearray:
+def hkdf_sha256_fast32(ikm: bytes | bytearray) -> bytearray:
     """The protocol's exact case (zero salt, empty info, 32 bytes) without the loop."""
     prk = hmac.digest(ZERO_SALT, ikm, "sha256")
     return bytearray(hmac.digest(prk, b"\x01", "sha256"))

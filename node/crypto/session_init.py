@@ -23,7 +23,6 @@ from node.crypto.curve import (
     compress_sec1,
     e2ee_v1_digest,
     parse_public_key,
-    recover_public_key,
     sign_recoverable,
 )
 from node.crypto.encoding import (
@@ -43,6 +42,7 @@ from node.crypto.errors import (
 )
 from node.crypto.hostkey import HostKey
 from node.crypto.kdf import ZERO_SALT, hkdf_sha256_fast32
+from node.crypto.secp import recover_uncompressed
 from node.crypto.secret import SecretBytes, constant_time_equal
 
 ALG = "secp256k1-ecdh(ephemeral\u2192static)+hkdf(sha256)+xchacha20-poly1305"
@@ -125,6 +125,9 @@ def _required_str(payload: Mapping[str, Any], name: str) -> str:
     return value
 
 
+_ZERO_SALT_HEX: Final = "0" * 64
+
+
 def parse_init_payload(payload: object) -> InitPayload:
     """Steps 1 and 2: shape, hex and sizes. The on-curve check happens when opening."""
     if payload is None:
@@ -153,7 +156,7 @@ def parse_init_payload(payload: object) -> InitPayload:
         raise InvalidPayload("ciphertextHex is shorter than the 16-byte tag")
     aad = decode_hex(aad_hex, "aadHex")
 
-    if salt_hex is None or salt_hex == "":
+    if salt_hex is None or salt_hex == "" or salt_hex == _ZERO_SALT_HEX:  # the SDK's
         salt = ZERO_SALT
     elif isinstance(salt_hex, str):
         salt = decode_hex(salt_hex, "saltHex")
@@ -238,6 +241,14 @@ def _session_key_span(buf: bytearray) -> tuple[int, int] | None:
     return span if seen == 1 else None
 
 
+# The session data as the SDK writes it starts with the key: ``{"sessionKey":"`` and 64
+# hex digits. When it does, and the name appears nowhere else, the span is known without
+# reading the JSON token by token.
+_SDK_KEY_PREFIX: Final = b'{"sessionKey":"'
+_SDK_KEY_START: Final = len(_SDK_KEY_PREFIX)
+_SDK_KEY_END: Final = _SDK_KEY_START + 64
+
+
 def _hex_digit(c: int) -> int:
     # '0'-'9' -> 0-9, 'a'-'f' and 'A'-'F' -> 10-15 (validated as hex before).
     return (c & 0x0F) + 9 * (c >> 6)
@@ -249,11 +260,25 @@ _HEX_HIGH: Final = tuple(_hex_digit(c) << 4 for c in range(256))
 _HEX_LOW: Final = tuple(_hex_digit(c) for c in range(256))
 
 
+def _sdk_key_span(buf: bytearray) -> tuple[int, int] | None:
+    """The span of the key's digits when ``buf`` starts the SDK's way and no other
+    ``"sessionKey"`` appears in it (a later member so named, escaped or not, is then
+    found when the parsed object is checked); otherwise None."""
+    if (
+        buf.startswith(_SDK_KEY_PREFIX)
+        and len(buf) > _SDK_KEY_END
+        and buf[_SDK_KEY_END] == _QUOTE
+        and buf.find(_SESSION_KEY_NAME, _SDK_KEY_END) < 0
+    ):
+        return _SDK_KEY_START, _SDK_KEY_END
+    return None
+
+
 def _take_session_key(buf: bytearray) -> SecretBytes | None:
     """Decode the plain hex ``sessionKey`` of ``buf`` straight into a new wipeable buffer,
     then overwrite its digits in ``buf`` with ``0`` (the JSON stays valid, and the text
     that is parsed next no longer holds the key). ``None``: not found in plain form."""
-    span = _session_key_span(buf)
+    span = _sdk_key_span(buf) or _session_key_span(buf)
     if span is None:
         return None
     start, end = span
@@ -349,7 +374,8 @@ def _recovery_key_error(raw: bytes) -> InvalidSessionData | None:
 def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
     """Steps 2-5: ECDH + HKDF, decrypt, validate session data, authenticate the client.
 
-    Each step is done once: the ephemeral key is parsed (and so checked to be on the
+    Each step is done once, the two curve operations straight on libsecp256k1
+    (:mod:`node.crypto.secp`): the ephemeral key is parsed (and so checked to be on the
     curve) once and, when it came compressed, used in that form; the signer's compressed
     form and address come from one serialisation of the recovered point. A
     ``recoveryPublicKey`` is checked by comparing it with the recovered signer's key in
@@ -361,13 +387,12 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
         raise InvalidSessionData(
             f"session data is larger than {MAX_SESSION_DATA_BYTES} bytes (the limit)"
         )
-    eph = init.ephemeral_public
     try:
-        eph_point = parse_public_key(eph, field="ephPubHex")
+        shared, eph_compressed = host_key.ecdh_x_sec1(init.ephemeral_public, field="ephPubHex")
     except InvalidPublicKey as exc:
         raise InvalidPayload(exc.message) from None
-    with host_key.ecdh_x(eph_point) as shared:
-        init_key = SecretBytes.take(hkdf_sha256_fast32(shared.reveal()))
+    with shared:
+        init_key = SecretBytes.take(hkdf_sha256_fast32(shared.live_buffer()))
     with init_key:
         plaintext = aead.open_secret(init_key, init.nonce, init.ciphertext, init.aad)
     session_key, data = _parse_session_json(plaintext)
@@ -390,7 +415,7 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
         del data  # the parsed objects go now; only the bounded fields above are kept
 
         digest = e2ee_v1_digest(
-            eph if len(eph) == 33 else eph_point.format(compressed=True),
+            eph_compressed,
             host_key.public_key,
             init.salt,
             init.nonce,
@@ -398,7 +423,7 @@ def open_session_init(host_key: HostKey, init: InitPayload) -> SessionData:
             init.aad,
         )
         try:
-            signer_full = recover_public_key(digest, init.signature).format(compressed=False)
+            signer_full = recover_uncompressed(digest, init.signature)
         except InvalidSignature:
             if recovery is not None:  # an invalid recoveryPublicKey is reported first
                 bad = _recovery_key_error(recovery)

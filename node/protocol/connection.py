@@ -467,7 +467,8 @@ class ConnectionState:
                     ErrorCode.SESSION_AUTH_DENIED,
                     f"client {data.client_address} is not allowed on this node",
                 )
-            self._take_address_allowance("client", data.client_address.lower())
+            if self.address_limiter is not None:
+                self._take_address_allowance("client", data.client_address.lower())
             # A session key serves one init only: a second init with it would restart the
             # message counter at 0 under the same key, so recorded messages would be
             # accepted again. The cache keeps a keyed fingerprint, never the key. Both

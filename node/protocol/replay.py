@@ -115,9 +115,10 @@ class InitReplayCache:
         seen = self._seen
         if len(seen) + len(keys) > self.max_entries:
             return NO_ROOM
-        digests = [self._digest(key) for key in keys]
+        sha256 = hashlib.sha256
+        digests = [sha256(key).digest() for key in keys]
         for i, digest in enumerate(digests):
-            if digest in seen or digest in digests[:i]:
+            if digest in seen or (i and digest in digests[:i]):
                 return Refusal(ErrorCode.REPLAY_DETECTED, i)
         for digest in digests:
             seen[digest] = now

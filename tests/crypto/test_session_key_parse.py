@@ -140,3 +140,44 @@ def test_a_key_taken_from_refused_data_is_wiped(text: str, monkeypatch: pytest.M
     (key,) = taken
     assert key.wiped
     assert key.is_all_zero()
+
+
+# The SDK's own layout (compact, the key first) is read without the token scan.
+
+
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [
+        ('{"sessionKey":"' + HEX + '","jobId":"1"}', (15, 79)),
+        ('{"sessionKey":"' + HEX + '"}', (15, 79)),
+        ('{"sessionKey":"' + HEX + '0","jobId":"1"}', None),  # 65 digits
+        ('{"sessionKey":"' + HEX[:-1] + '","jobId":"1"}', None),  # 63 digits
+        ('{"sessionKey":"' + HEX, None),  # cut short
+        ('{"sessionKey": "' + HEX + '"}', None),  # not compact
+        ('{"sessionKey":"0x' + HEX + '"}', None),  # prefixed
+        ('{"sessionKey":"' + HEX + '","sessionKey":"' + HEX + '"}', None),  # named again
+        ('{"sessionKey":"' + HEX + '","v":{"sessionKey":1}}', None),  # nested: the scan
+    ],
+)
+def test_the_sdk_layout_span(text: str, span: tuple[int, int] | None) -> None:
+    assert session_init._sdk_key_span(bytearray(text.encode())) == span
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "ab", HEX[:-1], HEX + "0", HEX + "00", "0x" + HEX[:-2], HEX[:-1] + "g", HEX + '\\"'],
+)
+def test_a_malformed_key_in_the_sdk_layout_is_refused_as_such(value: str) -> None:
+    text = '{"sessionKey":"' + value + '","jobId":"1"}'
+    with pytest.raises(CryptoError) as info:
+        parse(text)
+    assert info.value.code is ErrorCode.INVALID_SESSION_DATA
+    assert "more than once" not in info.value.message  # what is wrong is said
+
+
+def test_the_sdk_layout_with_a_nested_member_so_named_keeps_it() -> None:
+    text = '{"sessionKey":"' + HEX + '","vectorDatabase":{"sessionKey":"x"}}'
+    key, data, seen = parse(text)
+    assert key.equals(SESSION_KEY)
+    assert data == {"vectorDatabase": {"sessionKey": "x"}}
+    assert HEX not in seen[0]

@@ -1,4 +1,6 @@
-"""Wycheproof secp256k1 ECDH (JWK keys) through parse_public_key + ecdh_x (every case).
+"""Wycheproof secp256k1 ECDH (JWK keys), every case through both ECDH paths: the general
+one (parse_public_key + ecdh_x over coincurve's objects) and the init's own
+(node.crypto.secp.ecdh_x, straight on libsecp256k1).
 
 Our API takes raw SEC1 points, so each JWK public key is turned into ``04||x||y`` and into
 its compressed form. The JWK ``crv`` label is checked here, at the JWK boundary, because a
@@ -11,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from node.crypto import HostKey, SecretBytes, derive_shared_key
+from node.crypto import HostKey, SecretBytes, derive_shared_key, secp
 from node.crypto.curve import ecdh_x, parse_public_key
 from node.crypto.errors import InvalidPublicKey
 from node.crypto.kdf import ZERO_SALT, hkdf_sha256
@@ -35,18 +37,24 @@ def scalar(case: Case) -> bytes:
 
 
 def attempt(case: Case, point_bytes: bytes) -> str:
-    """'reject' (InvalidPublicKey), 'match' or 'mismatch' for one encoding."""
+    """'reject' (InvalidPublicKey), 'match' or 'mismatch' for one encoding; both paths
+    must give the same answer."""
     try:
         point = parse_public_key(point_bytes)
     except InvalidPublicKey as exc:
         code = exc.code
     else:
         code = None
-    if code is not None:
-        assert code == "INVALID_PAYLOAD"
+    if code is not None:  # the other path refuses it too, with the same code
+        with pytest.raises(InvalidPublicKey) as info:
+            secp.ecdh_x(bytearray(scalar(case)), point_bytes)
+        assert info.value.code == code == "INVALID_PAYLOAD"
         return "reject"
-    with ecdh_x(scalar(case), point) as shared:
+    direct, compressed = secp.ecdh_x(bytearray(scalar(case)), point_bytes)
+    assert compressed == point.format(compressed=True)
+    with ecdh_x(scalar(case), point) as shared, direct:
         assert len(shared) == 32
+        assert shared.equals(direct)
         return "match" if shared.equals(bytes.fromhex(case.test["shared"])) else "mismatch"
 
 

@@ -3,6 +3,9 @@
 digest = SHA256(msg). A valid low-S case must recover the group's key with exactly one v
 in {0, 1}; an invalid case must raise InvalidSignature or recover some other key; a high-S
 case (s > n/2) must raise InvalidSignature even when the file calls it valid (EIP-2).
+Every case runs through both recovery paths: ``recover_public_key`` (coincurve's objects)
+and ``node.crypto.secp.recover_uncompressed`` (the init's, straight on libsecp256k1); they
+must agree.
 """
 
 from __future__ import annotations
@@ -12,13 +15,40 @@ from collections import Counter
 
 import pytest
 
-from node.crypto.curve import HALF_N, SECP256K1_N, recover_public_key
+from node.crypto import secp
+from node.crypto.curve import HALF_N, SECP256K1_N
+from node.crypto.curve import recover_public_key as _recover_public_key
 from node.crypto.errors import InvalidSignature
 from tests.crypto._wycheproof import Case, load_cases, params
 
 SECP256K1_P = 2**256 - 2**32 - 977
 
 DATA, CASES = load_cases("ecdsa_secp256k1_sha256_p1363_test.json")
+
+
+class _Recovered:
+    def __init__(self, full: bytes) -> None:
+        self.full = full
+
+    def format(self, compressed: bool = True) -> bytes:
+        if compressed:
+            return bytes((2 | (self.full[64] & 1),)) + self.full[1:33]
+        return self.full
+
+
+def recover_public_key(digest: bytes, signature: bytes) -> _Recovered:
+    """Both paths: the same key, or the same InvalidSignature message."""
+    try:
+        general = _recover_public_key(digest, signature).format(compressed=False)
+    except InvalidSignature as exc:
+        refusal = exc
+    else:
+        assert secp.recover_uncompressed(digest, signature) == general
+        return _Recovered(general)
+    with pytest.raises(InvalidSignature) as info:
+        secp.recover_uncompressed(digest, signature)
+    assert info.value.message == refusal.message
+    raise refusal
 
 
 def group_key(case: Case) -> bytes:
