@@ -255,8 +255,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add(
         "--v1-challenge",
-        "answer POST /v1/auth/challenge; --no-v1-challenge turns it off (403) and clients "
-        "must pin the host key",
+        "answer POST /v1/auth/challenge; --no-v1-challenge turns it off (403): v2 clients "
+        "need no challenge (their handshake proves the host key), v1 clients must pin it",
         True,
         action=Switch,
     )
