@@ -262,8 +262,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add(
         "--max-session-bytes",
-        "client session data the node holds at once, all connections together; more gets "
-        "RATE_LIMITED",
+        "client session data the node holds at once, all connections and both protocols "
+        "together; more gets RATE_LIMITED",
         67108864,
         type=_positive_int,
     )

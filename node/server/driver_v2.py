@@ -85,6 +85,7 @@ class ConnectionDriverV2(StreamingDriver):
             address_limiter=ctx.address_limiter,
             remote_address=remote,
             admission=ctx.storage.admit,
+            memory=ctx.session_memory,  # --max-session-bytes, shared with v1
             # a pooled key (used by this connection only, wiped by it), else made inline
             ephemeral=None if ctx.ephemeral_keys is None else ctx.ephemeral_keys.take(),
         )
