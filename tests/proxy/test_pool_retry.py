@@ -229,9 +229,12 @@ class MemoryTransport:
         self.node = node
         self.path = f"/{protocol}/ws"
         self.node_sides: list[trio.testing.MemoryStream | Any] = []
+        self.unreachable = False
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[WebSocketConnection]:
+        if self.unreachable:
+            raise ConnectFailed("cannot connect (the test made the node unreachable)")
         client_stream, server_stream = trio.testing.memory_stream_pair()
         self.node_sides.append(server_stream)
         async with trio.open_nursery() as nursery:
@@ -298,6 +301,22 @@ async def test_retry_on_a_cut_pooled_session(
             await node.wait_no_connections()
             assert await answer_text(pool, "hi") == "first second"
             assert (pool.retries, pool.sessions_opened, backend.calls) == (1, 2, 2)
+
+
+async def test_when_the_fresh_session_cannot_be_opened_its_error_is_the_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = StepBackend()
+    with trio.fail_after(GUARD_S):
+        async with memory_pool("v2", backend) as (pool, transport, node):
+            assert await answer_text(pool, "hi") == "first second"
+            await transport.cut()
+            await node.wait_no_connections()
+            transport.unreachable = True
+            with pytest.raises(ConnectFailed, match="unreachable"):
+                await answer_text(pool, "hi")
+            assert (pool.retries, pool.sessions_opened, backend.calls) == (1, 1, 1)
+            assert pool.idle_sessions == 0
 
 
 @BOTH
