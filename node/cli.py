@@ -255,15 +255,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add(
         "--v1-challenge",
-        "answer POST /v1/auth/challenge; --no-v1-challenge turns it off (403) and clients "
-        "must pin the host key",
+        "answer POST /v1/auth/challenge; --no-v1-challenge turns it off (403): v2 clients "
+        "need no challenge (their handshake proves the host key), v1 clients must pin it",
         True,
         action=Switch,
     )
     add(
         "--max-session-bytes",
-        "client session data the node holds at once, all connections together; more gets "
-        "RATE_LIMITED",
+        "client session data the node holds at once, all connections and both protocols "
+        "together; more gets RATE_LIMITED",
         67108864,
         type=_positive_int,
     )

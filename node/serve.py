@@ -35,7 +35,11 @@ from node.protocol.storage import StorageHealth
 from node.server.app import NodeServer, open_listeners
 from node.server.context import NodeContext
 from node.server.metrics import MULTIPROC_ENV, NodeMetrics
-from node.server.shared_replay import SharedReplayCacheError, SqliteReplayCache
+from node.server.shared_replay import (
+    SharedReplayCacheError,
+    SqliteReplayCache,
+    checkpoint_loop,
+)
 from node.settlement.errors import LedgerError
 from node.settlement.ledger import Ledger
 from node.settlement.service import ledger_path, open_accounting
@@ -177,6 +181,8 @@ async def _run_node(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, shutdown)
             nursery.start_soon(accounting.watch)
+            # The replay cache's WAL is copied back from a worker thread, not by an init.
+            nursery.start_soon(checkpoint_loop, replay)
 
             async def run_server(
                 task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,

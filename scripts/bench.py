@@ -604,6 +604,10 @@ class Bench:
             "difference_per_round_us": diffs,
             "encrypted_p90_us": lib.percentile(enc_all, 90),
             "plaintext_p90_us": lib.percentile(pla_all, 90),
+            "encrypted_p99_us": lib.percentile(enc_all, 99),
+            "plaintext_p99_us": lib.percentile(pla_all, 99),
+            "encrypted_max_us": max(enc_all, default=float("nan")),
+            "plaintext_max_us": max(pla_all, default=float("nan")),
             "errors": errors,
             "error_samples": [e for rs in got.values() for r in rs for e in r["error_samples"]][:5],
         }

@@ -874,13 +874,16 @@ async def open_session(
         if chosen == "v2":
             from node.client.session_v2 import ClientSessionV2
 
-            session = ClientSessionV2(ws, padding=padding, **settings)
-            stack.push_async_callback(session._goodbye)
+            session = v2 = ClientSessionV2(ws, padding=padding, **settings)
+            stack.callback(session._close)
+            # Exit callbacks run last-in, first-out: the goodbye goes out while the
+            # session still holds its keys, then _close wipes them.
+            stack.push_async_callback(v2._goodbye)
         else:
             if padding:
                 raise ValueError("padding is a protocol v2 option")
             session = ClientSession(ws, **settings)
-        stack.callback(session._close)
+            stack.callback(session._close)
         await session._open()
         yield session
 

@@ -20,7 +20,12 @@ from node.client import ClientError
 from node.client.cli import UsageError, load_client_key
 from node.client.discovery import normalize_address
 from node.client.session import random_client_key
-from node.proxy.link import PROTOCOL_CHOICES, ProtocolUnavailable, SessionPool
+from node.proxy.link import (
+    DEFAULT_IDLE_TTL_S,
+    PROTOCOL_CHOICES,
+    ProtocolUnavailable,
+    SessionPool,
+)
 from node.proxy.server import ProxyConfig, ProxyServer, check_listen
 
 log = logging.getLogger("node.proxy")
@@ -49,6 +54,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def add_proxy_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -106,6 +121,14 @@ def add_proxy_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="encrypted sessions used at once (default 4); more requests wait their turn",
     )
     p.add_argument(
+        "--session-idle-timeout",
+        type=_positive_seconds,
+        default=_env("LLM_NODE_PROXY_SESSION_IDLE_TIMEOUT", f"{DEFAULT_IDLE_TTL_S:g}"),
+        metavar="SECONDS",
+        help=f"close a pooled session after this long unused (default {DEFAULT_IDLE_TTL_S:g}); "
+        "keep it below the node's --idle-timeout (300 by default)",
+    )
+    p.add_argument(
         "--allow-origin",
         action="append",
         default=[o for o in (_env("LLM_NODE_PROXY_ALLOW_ORIGINS", "") or "").split(",") if o],
@@ -130,6 +153,7 @@ async def proxy_main(args: argparse.Namespace, config: ProxyConfig, key: Private
         expected_host_address=args.expect_host_address,
         client_key=key,
         max_concurrency=args.max_concurrency,
+        idle_ttl_s=args.session_idle_timeout,
     ) as link:
         if link.protocol == "v1":
             log.warning(

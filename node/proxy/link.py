@@ -10,10 +10,17 @@ Sessions: one WebSocket connection per session, one request at a time on each (t
 protocol allows no more). At most ``max_concurrency`` run at once; further requests
 wait in a FIFO queue (``max_queue`` of them; more get :class:`QueueFull`). Idle sessions
 are kept per model and reused, at most ``max_concurrency`` of them in all (the one idle
-longest is closed first); an idle one older than ``idle_ttl_s`` is closed instead
-(the node closes idle connections after its own timeout). Which protocol is spoken
+longest is closed first); one idle for ``idle_ttl_s`` is closed (by default well before
+the node's own idle timeout, ``--idle-timeout``, 300 s). Which protocol is spoken
 (``v2``, or ``v1`` when allowed) is the link's ``protocol``
 attribute, chosen by :func:`choose_protocol`.
+
+A pooled session may still have been closed by the node meanwhile (a shorter
+``--idle-timeout``, a restart, a network cut) or forgotten (v1: ``SESSION_EXPIRED``,
+``SESSION_KEY_NOT_FOUND``). When a request on a reused session fails that way before
+the node answered anything of it, the session is dropped and the request is sent once
+more on a fresh session: the HTTP client sees nothing of it. There is no second retry,
+none on a fresh session, and none once any piece of the answer arrived.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import attrs
 import httpx
 import trio
 from coincurve import PrivateKey
+from trio_websocket import WebSocketConnection
 
 from node.client import (
     ClientError,
@@ -38,6 +46,9 @@ from node.client import (
     HostIdentity,
     NodeErrorResponse,
     ResponseStream,
+    SessionClosed,
+    StreamTimeout,
+    StreamTruncated,
     discover_host_key,
     fetch_host_key,
     http_base_url,
@@ -53,6 +64,9 @@ log = logging.getLogger("node.proxy")
 # Protocols this build of node.client can speak, best first.
 CLIENT_PROTOCOLS: Final = ("v2", "v1")
 PROTOCOL_CHOICES: Final = ("auto", "v2", "v1")
+#: How long a finished session waits in the pool for the next request. Shorter than the
+#: node's default ``--idle-timeout`` (300 s, node.config.NodeConfig.idle_timeout_s), so
+#: the pool closes its idle sessions before the node does.
 DEFAULT_IDLE_TTL_S: Final = 60.0
 CANCEL_SETTLE_S: Final = 5.0
 DEFAULT_MAX_QUEUE: Final = 256
@@ -123,12 +137,39 @@ class NodeLink(Protocol):
     def request(self, request: ProxyRequest) -> contextlib.AbstractAsyncContextManager[Answer]: ...
 
 
+#: Wire codes with which the node says it no longer knows a (v1) session.
+_FORGOTTEN_SESSION_CODES: Final = frozenset({"SESSION_EXPIRED", "SESSION_KEY_NOT_FOUND"})
+
+
+def stale_session_error(exc: ClientError) -> bool:
+    """Does ``exc`` say the session was gone before the request reached the model?
+
+    The connection was found closed or cut (not a timeout: a slow node may be working on
+    the request), the session had broken earlier, or the node answered that it does not
+    know the session (any more).
+    """
+    if isinstance(exc, NodeErrorResponse):
+        return exc.code in _FORGOTTEN_SESSION_CODES
+    if isinstance(exc, StreamTimeout):
+        return False
+    return isinstance(exc, StreamTruncated | SessionClosed)
+
+
 class _Answer:
-    def __init__(self, response: ResponseStream) -> None:
-        self.response = response
+    """One request's answer; may move to a fresh session once (see the module doc)."""
+
+    def __init__(
+        self, pool: SessionPool, request: ProxyRequest, lease: _Lease, *, reused: bool
+    ) -> None:
+        self._pool = pool
+        self._request = request
+        self.lease = lease
+        self.reused = reused
+        self.response = lease.stream(request)
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
         self.began = False
+        self.pieces = 0  # pieces handed to the caller
         self.error: ClientError | None = None
 
     def __aiter__(self) -> Self:
@@ -136,14 +177,40 @@ class _Answer:
 
     async def __anext__(self) -> str:
         self.began = True
+        while True:
+            try:
+                piece = await self.response.__anext__()
+            except StopAsyncIteration:
+                self._finish()
+                raise
+            except ClientError as exc:
+                if not self._may_retry(exc):
+                    self.error = exc
+                    raise
+                await self._move_to_fresh_session(exc)
+                continue
+            self.pieces += 1
+            return piece
+
+    def _may_retry(self, exc: ClientError) -> bool:
+        """Only on a reused session (so only once: the retry runs on a fresh one), and
+        only before any piece of the answer arrived (each is handed on at once)."""
+        return self.reused and self.pieces == 0 and stale_session_error(exc)
+
+    async def _move_to_fresh_session(self, exc: ClientError) -> None:
+        self.lease.close()  # never back into the pool
+        self._pool.retries += 1
+        log.info(
+            "a pooled session was gone (%s); sending the request again on a fresh session",
+            exc.code,
+        )
         try:
-            return await self.response.__anext__()
-        except StopAsyncIteration:
-            self._finish()
+            self.lease = await self._pool._open_lease(self._request.model)
+        except ClientError as error:
+            self.error = error
             raise
-        except ClientError as exc:
-            self.error = exc
-            raise
+        self.reused = False
+        self.response = self.lease.stream(self._request)
 
     def _finish(self) -> None:
         completion = self.response.completion
@@ -161,7 +228,35 @@ class _Lease:
     session: ClientSession
     model: str
     closing: trio.Event = attrs.field(factory=trio.Event)
+    idle: bool = False
     idle_since: float = 0.0
+    # Set (and replaced) when the session goes idle or is closed: wakes its idle timer.
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def close(self) -> None:
+        self.idle = False
+        self.closing.set()
+        self._notify()
+
+    def go_idle(self, now: float) -> None:
+        self.idle = True
+        self.idle_since = now
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def stream(self, request: ProxyRequest) -> ResponseStream:
+        return self.session.stream(
+            request.prompt,
+            messages=request.messages,
+            model=request.model,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            stop=request.stop,
+            seed=request.seed,
+        )
 
 
 class SessionPool:
@@ -180,9 +275,15 @@ class SessionPool:
         idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
         rng: Callable[[int], bytes] = os.urandom,
         session_options: dict[str, Any] | None = None,
+        open_websocket: Callable[[], contextlib.AbstractAsyncContextManager[WebSocketConnection]]
+        | None = None,
     ) -> None:
+        """``open_websocket``, when given, makes the connection of each new session
+        instead of connecting to ``url`` (custom transports, tests over memory streams)."""
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        if not idle_ttl_s > 0:
+            raise ValueError("idle_ttl_s must be positive")
         self._nursery = nursery
         self.url = url
         self.protocol = protocol
@@ -197,7 +298,9 @@ class SessionPool:
         self._idle_ttl_s = idle_ttl_s
         self._rng = rng
         self._session_options = session_options or {}
+        self._open_websocket = open_websocket
         self.sessions_opened = 0
+        self.retries = 0  # requests sent again on a fresh session (see the module doc)
         self._returned = trio.Event()
 
     @property
@@ -248,7 +351,7 @@ class SessionPool:
 
     def close(self) -> None:
         for lease in list(self._live):
-            lease.closing.set()
+            lease.close()
         self._idle.clear()
 
     @property
@@ -289,60 +392,62 @@ class SessionPool:
         finally:
             self.waiting -= 1
         try:
-            lease = await self._take(request.model)
-            response = lease.session.stream(
-                request.prompt,
-                messages=request.messages,
-                model=request.model,
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                stop=request.stop,
-                seed=request.seed,
-            )
-            answer = _Answer(response)
+            lease, reused = await self._take(request.model)
+            answer = _Answer(self, request, lease, reused=reused)
             try:
                 yield answer
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._give_back(lease, answer)
+                    await self._give_back(answer.lease, answer)
         finally:
             self._slots.release()
 
-    async def _take(self, model: str) -> _Lease:
+    async def _take(self, model: str) -> tuple[_Lease, bool]:
+        """An idle session for ``model`` (reused: True), else a new one (False)."""
         idle = self._idle.get(model)
         now = trio.current_time()
         while idle:
             lease = idle.pop()
-            if lease.session.closed or now - lease.idle_since > self._idle_ttl_s:
-                lease.closing.set()
+            lease.idle = False
+            if lease.session.closed or now - lease.idle_since >= self._idle_ttl_s:
+                lease.close()
                 continue
-            return lease
-        lease_or_error: _Lease = await self._nursery.start(self._run_session, model)
-        return lease_or_error
+            return lease, True
+        return await self._open_lease(model), False
+
+    async def _open_lease(self, model: str) -> _Lease:
+        lease: _Lease = await self._nursery.start(self._run_session, model)
+        return lease
 
     async def _run_session(
         self, model: str, *, task_status: trio.TaskStatus[_Lease] = trio.TASK_STATUS_IGNORED
     ) -> None:
         job_id = str(int.from_bytes(self._rng(6), "big") + 1)
         started = False
+        options = dict(self._session_options)
         try:
-            async with open_session(
-                self.url,
-                model=model,
-                job_id=job_id,
-                host_public_key=self.host.public_key,
-                client_key=self._client_key,
-                rng=self._rng,
-                protocol=self.protocol,
-                **self._session_options,
-            ) as session:
+            async with contextlib.AsyncExitStack() as stack:
+                if self._open_websocket is not None:
+                    options["websocket"] = await stack.enter_async_context(self._open_websocket())
+                session = await stack.enter_async_context(
+                    open_session(
+                        self.url,
+                        model=model,
+                        job_id=job_id,
+                        host_public_key=self.host.public_key,
+                        client_key=self._client_key,
+                        rng=self._rng,
+                        protocol=self.protocol,
+                        **options,
+                    )
+                )
                 lease = _Lease(session, model)
                 self._live.add(lease)
                 self.sessions_opened += 1
                 try:
                     task_status.started(lease)
                     started = True
-                    await lease.closing.wait()
+                    await self._hold(lease)
                 finally:
                     self._live.discard(lease)
         except Exception as exc:
@@ -352,8 +457,28 @@ class SessionPool:
                 raise
             log.debug("a pooled session ended", extra={"error_type": type(exc).__name__})
 
+    async def _hold(self, lease: _Lease) -> None:
+        """Keep the session open until it is closed, or idle for ``idle_ttl_s``."""
+        while not lease.closing.is_set():
+            changed = lease.changed
+            if not lease.idle:
+                await changed.wait()
+                continue
+            deadline = lease.idle_since + self._idle_ttl_s
+            if trio.current_time() >= deadline:
+                idle = self._idle.get(lease.model)
+                if idle is not None and lease in idle:
+                    idle.remove(lease)
+                log.debug("closing a session idle for %g s", self._idle_ttl_s)
+                lease.close()
+                return
+            with trio.move_on_at(deadline):
+                await changed.wait()
+
     async def _give_back(self, lease: _Lease, answer: _Answer) -> None:
         """Return the session to the pool, or close it when it cannot be trusted."""
+        if lease.closing.is_set():
+            return  # dropped already (its request moved to a fresh session)
         session = lease.session
         response = answer.response
         reusable = not session.closed
@@ -379,16 +504,16 @@ class SessionPool:
                 response.started,
                 response.done,
             )
-            lease.closing.set()
+            lease.close()
             return
-        lease.idle_since = trio.current_time()
         if self.idle_sessions >= self.max_concurrency:
             # Model names come from clients: keep at most max_concurrency idle sessions
             # in all, closing the one idle longest.
             oldest = min(
                 (idle for idle in self._idle.values() if idle), key=lambda v: v[0].idle_since
             )
-            oldest.pop(0).closing.set()
+            oldest.pop(0).close()
+        lease.go_idle(trio.current_time())
         self._idle[lease.model].append(lease)
         self._returned.set()
         self._returned = trio.Event()

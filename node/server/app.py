@@ -43,7 +43,8 @@ WS_RECEIVE_BUFFER = 65536
 ORIGIN_REFUSED = "this browser origin may not open a WebSocket to this node (see --allowed-origins)"
 CHALLENGE_DISABLED = (
     "POST /v1/auth/challenge is turned off on this node (--no-v1-challenge); "
-    "get the host key from its operator and pin it"
+    "protocol v2 clients need no challenge (the v2 handshake proves the host key); "
+    "protocol v1 clients must get the host key from the operator and pin it"
 )
 
 

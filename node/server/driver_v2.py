@@ -85,10 +85,12 @@ class ConnectionDriverV2(StreamingDriver):
             address_limiter=ctx.address_limiter,
             remote_address=remote,
             admission=ctx.storage.admit,
+            memory=ctx.session_memory,  # --max-session-bytes, shared with v1
             # a pooled key (used by this connection only, wiped by it), else made inline
             ephemeral=None if ctx.ephemeral_keys is None else ctx.ephemeral_keys.take(),
         )
         self._handshake_cpu = 0.0
+        self._accepted = False  # a session was accepted (stays True after it ended)
         self._ended: list[SessionEnded] = []
 
     # -------------------------------------------------------------- hooks
@@ -225,6 +227,7 @@ class ConnectionDriverV2(StreamingDriver):
                 await self.ws.send_message(action.frame)
             elif isinstance(action, SessionStarted):
                 metrics.v2_handshakes["accepted"] += 1
+                self._accepted = True
                 metrics.v2_handshake_latency.observe(self._handshake_cpu)
                 self._log_session_started(action.session)
                 await ctx.accounting.session_started(action.session)
@@ -239,7 +242,9 @@ class ConnectionDriverV2(StreamingDriver):
                     self.end_reason = "error" if action.code != CLOSE_NORMAL else "closed"
                 if action.code == CLOSE_POLICY_VIOLATION and "authentication" in action.reason:
                     metrics.v2_auth_failures += 1
-                elif not self.established and self.end_reason != "handshake_timeout":
+                elif not self._accepted and self.end_reason != "handshake_timeout":
+                    # (a close after an accepted session, the client's goodbye included,
+                    # ends a session; it refuses no handshake)
                     metrics.v2_handshakes["refused"] += 1
                 await self._close(action.code, action.reason)
                 return False

@@ -17,6 +17,16 @@ one row read instead of a ``COUNT(*)`` over the table; expired entries are delet
 bounded batch at a time (:data:`PURGE_BATCH` per call, by the ``at`` index), which
 outpaces the inserts, and a larger batch runs only when the cache looks full.
 
+Copying the WAL back into the file (a checkpoint, with its fsyncs: milliseconds) is not
+left to the init that happens to fill the WAL. :func:`checkpoint_loop`, which the node
+runs, does it every :data:`CHECKPOINT_INTERVAL_S` from a worker thread on a connection of
+its own (``PASSIVE``: it never waits for a worker's write, and no write waits for it), so
+an init pays for its own commit only. The init connection still checkpoints by itself
+once the WAL holds :data:`BACKSTOP_CHECKPOINT_PAGES` pages (a cache used without the
+loop, or a loop that fell behind), which bounds the WAL file. What is durable when is
+unchanged: an entry is in the WAL, in the operating system's hands, before ``add_all``
+returns.
+
 A failed read or write (disk full, file removed, I/O error) raises
 :class:`~node.crypto.errors.StorageUnavailable` (wire code ``STORAGE_UNAVAILABLE``) and is
 reported to the node's :class:`~node.protocol.storage.StorageHealth`: the init is refused
@@ -26,12 +36,15 @@ with that code, the connection stays open, and the next init tries again.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+
+import trio
 
 from node.crypto.errors import ErrorCode, StorageUnavailable
 from node.protocol.replay import DEFAULT_MAX_ENTRIES, NO_ROOM, Refusal
@@ -43,6 +56,13 @@ PURGE_BATCH = 4
 FULL_PURGE_BATCH = 256
 #: Expired entries deleted when the file is opened (start-up, off the init path).
 OPEN_PURGE_BATCH = 100_000
+#: Seconds between two checkpoints of :func:`checkpoint_loop` (off the init path).
+CHECKPOINT_INTERVAL_S = 0.5
+#: WAL pages (4 KiB each) after which the init connection checkpoints by itself; SQLite's
+#: default is 1,000 (an init writes about 5 pages, so one init in 200 paid for it).
+BACKSTOP_CHECKPOINT_PAGES = 10_000
+
+log = logging.getLogger("node.server")
 
 _INSERT = (
     "INSERT INTO seen (digest, at) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
@@ -97,6 +117,7 @@ class SqliteReplayCache:
             conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -111,6 +132,7 @@ class SqliteReplayCache:
                 f"cannot open the replay cache {self.path}: {exc}"
             ) from None
         self._conn = conn
+        self._checkpoint_conn: sqlite3.Connection | None = None
         with self._storage():
             self._purge(self._clock(), OPEN_PURGE_BATCH)
 
@@ -195,5 +217,57 @@ class SqliteReplayCache:
             conn.execute("COMMIT")
             return None
 
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy what the WAL holds back into the file (``PASSIVE``); returns the WAL's
+        frames and how many of them are now in the file.
+
+        Runs in a worker thread (see :func:`checkpoint_loop`), on a connection of its own
+        that only this method uses, one call at a time; the init path's connection is not
+        touched, so an init never waits for it. Raises ``sqlite3.Error`` when it fails.
+        """
+        conn = self._checkpoint_conn
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._checkpoint_conn = conn
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[1]), int(row[2])
+
     def close(self) -> None:
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
         self._conn.close()
+
+
+async def checkpoint_loop(
+    cache: SqliteReplayCache,
+    *,
+    interval_s: float = CHECKPOINT_INTERVAL_S,
+    run_sync: Callable[[Callable[[], tuple[int, int]]], Awaitable[tuple[int, int]]] | None = None,
+) -> None:
+    """Checkpoint ``cache`` every ``interval_s`` seconds in a worker thread (``run_sync``,
+    by default ``trio.to_thread.run_sync``), until cancelled.
+
+    A failed checkpoint is logged once (and once more when they work again); it loses
+    nothing, since every entry is already in the WAL, and the init path reports a file
+    that refuses writes by itself.
+    """
+    runner = run_sync if run_sync is not None else trio.to_thread.run_sync
+    failing = False
+    while True:
+        await trio.sleep(interval_s)
+        try:
+            await runner(cache.checkpoint)
+        except sqlite3.Error as exc:
+            if not failing:
+                log.warning(
+                    "replay cache checkpoint failed", extra={"error_type": type(exc).__name__}
+                )
+            failing = True
+        else:
+            if failing:
+                log.warning("replay cache checkpoints work again")
+            failing = False

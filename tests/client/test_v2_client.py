@@ -424,3 +424,18 @@ async def test_refused_session_and_bad_padding() -> None:
             await node.wait_no_connections()
             assert all_zero(node)
     assert info.value.code == "SESSION_AUTH_DENIED"
+
+
+async def test_a_clean_exit_says_goodbye_with_a_close_record() -> None:
+    """Leaving ``open_session`` normally sends the authenticated CLOSE record before the
+    keys are wiped: the node ends the session as closed by the client, not as a
+    disconnect."""
+    with trio.fail_after(GUARD_S):
+        async with v2_node() as node:
+            async with open_session(
+                node.url, model="echo", job_id=5, host_public_key=node.host_public_key
+            ) as session:
+                assert (await session.complete("hello")).text == "hello"
+            assert session.closed
+            await node.wait_no_connections()
+            assert [reason for _, reason in node.accounting.ended] == ["closed"]

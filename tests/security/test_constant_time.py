@@ -74,6 +74,11 @@ ALLOWED: Final[dict[tuple[str, str], str]] = {
     ): "format marker: whether the text starts with 0x decides the accepted length, which "
     "the length check answers publicly anyway; no key byte is compared",
     (
+        "crypto/session_init.py",
+        "buf[_SDK_KEY_END] == _QUOTE",
+    ): "the byte after the key's 64 digits in the SDK's layout: JSON structure (a closing "
+    "quote or not), never a digit of the key; it only picks which parse path reads the key",
+    (
         "protocol/connection.py",
         "data.client_address.lower() not in allowed",
     ): "allow-list membership (a hash lookup) of the address the client just proved; the "

@@ -150,7 +150,13 @@ async def test_no_v1_challenge_turns_the_route_off(node_factory: NodeFactory) ->
     node = await node_factory.start(v1_challenge=False)
     response = await challenge(node, {"challenge": "00" * 32})
     assert response.status_code == 403
-    assert "--no-v1-challenge" in response.json()["error"]
+    message = response.json()["error"]
+    assert "--no-v1-challenge" in message
+    # accurate for both protocols: v2 proves the key in its handshake, v1 must pin it
+    assert "protocol v2 clients need no challenge (the v2 handshake proves the host key)" in (
+        message
+    )
+    assert "protocol v1 clients must get the host key from the operator and pin it" in message
     assert "signature" not in response.text
     # the rest of the node is unchanged: its key is still announced, sessions still open
     async with httpx.AsyncClient(timeout=10) as http:
@@ -182,3 +188,13 @@ async def test_the_v2_endpoint_checks_origins_too(node: RunningNode, origin: str
     status, _ = await answer_to(node, request)
     assert status == (101 if origin is None else 403)
     await node.drivers.wait_until(lambda d: not d)
+
+
+async def test_api_md_quotes_the_turned_off_challenge_answer(node_factory: NodeFactory) -> None:
+    """docs/API.md quotes the 403 body word for word (line breaks aside)."""
+    from tests.conftest import REPO_ROOT
+
+    node = await node_factory.start(v1_challenge=False)
+    response = await challenge(node, {"challenge": "00" * 32})
+    doc = " ".join((REPO_ROOT / "docs" / "API.md").read_text(encoding="utf-8").split())
+    assert f"`{response.text}`" in doc

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
+import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from node.crypto.errors import ErrorCode
 from node.crypto.hostkey import HostKey
 from node.protocol.replay import Refusal
+from node.server import shared_replay
 from node.server.shared_replay import SharedReplayCacheError, SqliteReplayCache
 from tests.support.wire import SDK_HOST_KEY, running_node, wire_client
 
@@ -266,3 +272,151 @@ def test_concurrent_workers_record_each_pair_exactly_once(tmp_path: Path) -> Non
             assert cache.add(b"init%d" % i) is not bool(wins[i])
     finally:
         cache.close()
+
+
+# ------------------------------------------------ checkpoints: off the init path
+
+
+def _wal_frames_after_inits(path: Path, inits: int) -> tuple[int, int]:
+    cache = SqliteReplayCache(path, window_s=900, clock=Clock())
+    try:
+        for i in range(inits):
+            assert cache.add_all((b"init%d" % i, b"key%d" % i)) is None
+        return cache.checkpoint()
+    finally:
+        cache.close()
+
+
+def test_inits_leave_the_wal_to_the_checkpointer(tmp_path: Path) -> None:
+    """SQLite's default would copy the WAL back (and fsync) inside the commit that takes
+    it past 1,000 pages; here the inits only append, and checkpoint() copies it all."""
+    frames, copied = _wal_frames_after_inits(tmp_path / "r.sqlite3", 600)
+    assert 1000 < frames < shared_replay.BACKSTOP_CHECKPOINT_PAGES
+    assert copied == frames
+    # Copied, the WAL starts again from its beginning with the next write.
+    cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=900, clock=Clock())
+    try:
+        assert cache.add_all((b"one more", b"key")) is None
+        assert not cache.add(b"init599")  # what the checkpoint copied is still there
+        frames, copied = cache.checkpoint()
+        assert 0 < frames < 20
+        assert copied == frames
+    finally:
+        cache.close()
+
+
+def test_the_init_connection_still_checkpoints_past_the_backstop(tmp_path: Path) -> None:
+    cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=900, clock=Clock())
+    try:
+        (pages,) = cache._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+    finally:
+        cache.close()
+    assert pages == shared_replay.BACKSTOP_CHECKPOINT_PAGES
+
+
+class _CheckpointRecorder:
+    def __init__(self, fail_on: set[int]) -> None:
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def checkpoint(self) -> tuple[int, int]:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise sqlite3.OperationalError("disk I/O error")
+        return (3, 3)
+
+
+async def test_checkpoint_loop_checkpoints_every_interval_and_outlives_failures(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = _CheckpointRecorder(fail_on={2, 3})
+    threads: list[object] = []
+
+    async def run_sync(fn: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+        threads.append(fn)
+        await trio.lowlevel.checkpoint()
+        return fn()
+
+    with caplog.at_level(logging.WARNING, logger="node.server"):
+        with trio.move_on_after(4 * 0.5 + 0.25):
+            await shared_replay.checkpoint_loop(
+                cache,  # type: ignore[arg-type]
+                interval_s=0.5,
+                run_sync=run_sync,
+            )
+    assert cache.calls == 4  # at 0.5, 1.0, 1.5 and 2.0 s; the failures stopped nothing
+    assert len(threads) == 4  # each one through the thread runner
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "replay cache checkpoint failed",  # once for two failures in a row
+        "replay cache checkpoints work again",
+    ]
+
+
+async def test_checkpoint_loop_runs_in_a_worker_thread(tmp_path: Path) -> None:
+    cache = SqliteReplayCache(tmp_path / "r.sqlite3", window_s=900)
+    seen: list[tuple[int, tuple[int, int]]] = []
+    done = trio.Event()
+    real = cache.checkpoint
+
+    def checkpoint() -> tuple[int, int]:
+        result = real()
+        seen.append((threading.get_ident(), result))
+        trio.from_thread.run_sync(done.set)
+        return result
+
+    cache.checkpoint = checkpoint  # type: ignore[method-assign]
+    try:
+        assert cache.add_all((b"i", b"k")) is None
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(shared_replay.checkpoint_loop, cache, interval_s=0.001)
+                )
+                await done.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
+    thread, (frames, copied) = seen[0]
+    assert thread != threading.get_ident()  # not the event loop's thread
+    assert frames > 0
+    assert copied == frames
+
+
+async def test_the_node_checkpoints_its_replay_cache_off_the_init_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``llm-node serve`` runs checkpoint_loop on the replay cache beside its ledger."""
+    import gc
+    import signal
+    from collections.abc import AsyncGenerator
+
+    from node import serve
+    from node.config import NodeConfig
+
+    started: list[object] = []
+    running = trio.Event()
+
+    async def fake_loop(cache: SqliteReplayCache) -> None:
+        started.append(cache)
+        running.set()
+        await trio.sleep_forever()
+
+    async def signals() -> AsyncGenerator[int]:
+        await running.wait()
+        yield signal.SIGTERM
+
+    monkeypatch.setattr(serve, "checkpoint_loop", fake_loop)
+    config = NodeConfig(port=0, backend="echo", ledger_path=str(tmp_path / "ledger.sqlite3"))
+    threshold = gc.get_threshold()
+    stop = signals()
+    try:
+        with trio.fail_after(30):
+            await serve._run_node(config, None, serve.build_backend(config), stop)
+    finally:
+        await stop.aclose()
+        gc.set_threshold(*threshold)  # the node tunes the collector for its own process
+        gc.unfreeze()
+    assert len(started) == 1
+    assert isinstance(started[0], SqliteReplayCache)
+    assert started[0].path == tmp_path / "replay-cache.sqlite3"

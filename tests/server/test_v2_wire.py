@@ -74,6 +74,8 @@ async def test_full_session_through_node_client(node: RunningNode) -> None:
     assert all_zero(node), gauges(node)
     m = metrics(node)
     assert m['llm_node_noise_handshakes_total{result="accepted"}'] == 1
+    # the client's goodbye ends the session; it is no refused handshake
+    assert 'llm_node_noise_handshakes_total{result="refused"}' not in m
     assert m['llm_node_protocol_connections_total{protocol="v2"}'] == 1
     assert m['llm_node_requests_total{finish_reason="stop"}'] == 2
     assert m["llm_node_noise_handshake_seconds_count"] == 1
@@ -83,8 +85,9 @@ async def test_full_session_through_node_client(node: RunningNode) -> None:
     assert started.job_id == 9
     assert started.client_address == session.client_address
     assert [r.finish_reason for _, _, r in node.accounting.finished] == ["stop", "stop"]
-    [(ended, _reason)] = node.accounting.ended
+    [(ended, reason)] = node.accounting.ended
     assert ended is started
+    assert reason == "closed"
 
 
 async def test_version_lists_protocols(node_factory: NodeFactory) -> None:

@@ -29,8 +29,10 @@ from node.protocol.connection import (
     Close,
     Session,
     SessionEnded,
+    SessionMemory,
     SessionStarted,
     StartRequest,
+    session_cost,
 )
 from node.protocol.errors import (
     CLOSE_MESSAGE_TOO_BIG,
@@ -94,15 +96,19 @@ class ServerConnectionV2:
         address_limiter: AddressRateLimiter | None = None,
         remote_address: str | None = None,
         admission: Callable[[], None] | None = None,
+        memory: SessionMemory | None = None,
     ) -> None:
-        """``address_limiter``, ``remote_address`` and ``admission`` as for v1's
-        :class:`~node.protocol.connection.ConnectionState`: the session record takes one
-        new session from the network address's and the client address's allowances, and
-        ``admission`` may refuse new sessions and requests (``STORAGE_UNAVAILABLE``)."""
+        """``address_limiter``, ``remote_address``, ``admission`` and ``memory`` as for
+        v1's :class:`~node.protocol.connection.ConnectionState`: the session record takes
+        one new session from the network address's and the client address's allowances,
+        ``admission`` may refuse new sessions and requests (``STORAGE_UNAVAILABLE``), and
+        the session reserves its cost (``session_cost``) from the node's session memory
+        (``--max-session-bytes``, shared with v1) until :meth:`close` releases it."""
         self.config = config or V2Config()
         self._address_limiter = address_limiter
         self._remote_address = remote_address
         self._admission = admission
+        self.memory = memory if memory is not None else SessionMemory(2**62)
         self._clock = clock
         self.state = "handshake"  # -> "session" -> "ready" -> "closed"
         self.padding = 0
@@ -271,6 +277,17 @@ class ServerConnectionV2:
             self._admit()
             self._take_allowance("ip", self._remote_address)
             self._take_allowance("client", verified.client_address.lower())
+            vector_database_json = (
+                None
+                if terms.vector_db is None
+                else json.dumps({"name": terms.vector_db}, ensure_ascii=True, separators=(",", ":"))
+            )
+            cost = session_cost(terms.model, vector_database_json)
+            if not self.memory.reserve(cost):
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    "the node holds as much session data as it may; retry later",
+                )
         except ProtocolError as exc:
             return self._refuse(exc)
         session = Session(
@@ -282,9 +299,8 @@ class ServerConnectionV2:
             client_address=verified.client_address,
             model_name=terms.model,
             price_per_token=terms.price_per_token,
-            vector_database_json=None
-            if terms.vector_db is None
-            else json.dumps({"name": terms.vector_db}, ensure_ascii=True, separators=(",", ":")),
+            vector_database_json=vector_database_json,
+            cost=cost,
             protocol="v2",
         )
         self.session = session
@@ -478,4 +494,8 @@ class ServerConnectionV2:
         self.state = "closed"
         self.active = None
         session, self.session = self.session, None
-        return [SessionEnded(session, reason)] if session is not None else []
+        if session is None:
+            return []
+        self.memory.release(session.cost)
+        session.cost = 0
+        return [SessionEnded(session, reason)]
