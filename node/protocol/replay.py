@@ -49,8 +49,9 @@ class ReplayCache(Protocol):
     def add_all(self, keys: Sequence[bytes]) -> Refusal | None:
         """Record every key or none of them, atomically; None when all were recorded.
 
-        Room is checked first and counts every key; then, if any key is already
-        recorded (or appears twice in ``keys``), nothing is recorded.
+        If any key is already recorded (or appears twice in ``keys``), nothing is
+        recorded and that is the answer, full cache or not: a replay is called a replay.
+        Otherwise there must be room for every key.
         """
         ...
 
@@ -113,13 +114,13 @@ class InitReplayCache:
         now = self._clock()
         self._expire(now)
         seen = self._seen
-        if len(seen) + len(keys) > self.max_entries:
-            return NO_ROOM
         sha256 = hashlib.sha256
         digests = [sha256(key).digest() for key in keys]
         for i, digest in enumerate(digests):
             if digest in seen or (i and digest in digests[:i]):
                 return Refusal(ErrorCode.REPLAY_DETECTED, i)
+        if len(seen) + len(keys) > self.max_entries:
+            return NO_ROOM
         for digest in digests:
             seen[digest] = now
         return None

@@ -68,6 +68,8 @@ _INSERT = (
     "INSERT INTO seen (digest, at) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
     "SET at = excluded.at WHERE seen.at <= ?"
 )
+# An entry inside the window (what _INSERT will not overwrite).
+_LIVE = "SELECT 1 FROM seen WHERE digest = ? AND at > ?"
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS seen_at ON seen (at)",
@@ -208,14 +210,24 @@ class SqliteReplayCache:
             if len(self) + len(digests) > self.max_entries:
                 self._purge(now, FULL_PURGE_BATCH)
                 if len(self) + len(digests) > self.max_entries:
+                    # A replay is called a replay, full cache or not.
+                    refusal = self._replayed(digests, cutoff) or NO_ROOM
                     conn.execute("COMMIT")  # keep what was purged
-                    return NO_ROOM
+                    return refusal
             for i, digest in enumerate(digests):
                 if conn.execute(_INSERT, (digest, now, cutoff)).rowcount != 1:
                     conn.execute("ROLLBACK")
                     return Refusal(ErrorCode.REPLAY_DETECTED, i)
             conn.execute("COMMIT")
             return None
+
+    def _replayed(self, digests: Sequence[bytes], cutoff: float) -> Refusal | None:
+        """Which of ``digests`` (none recorded by this call) is a live entry or given
+        twice, as add_all would have found it; read only."""
+        for i, digest in enumerate(digests):
+            if digest in digests[:i] or self._conn.execute(_LIVE, (digest, cutoff)).fetchone():
+                return Refusal(ErrorCode.REPLAY_DETECTED, i)
+        return None
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy what the WAL holds back into the file (``PASSIVE``); returns the WAL's

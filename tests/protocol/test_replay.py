@@ -113,7 +113,10 @@ def test_add_all_needs_room_for_every_key() -> None:
     assert cache.add(b"b")
     assert cache.has_room()  # room for one entry, not for two
     assert cache.add_all((b"c", b"d")) == Refusal(ErrorCode.RATE_LIMITED)
-    assert cache.add_all((b"a", b"c")) == Refusal(ErrorCode.RATE_LIMITED)  # room first
+    # a replay is called a replay, full or not (and records nothing)
+    assert cache.add_all((b"a", b"c")) == Refusal(ErrorCode.REPLAY_DETECTED, 0)
+    assert cache.add_all((b"c", b"b")) == Refusal(ErrorCode.REPLAY_DETECTED, 1)
+    assert cache.add_all((b"c", b"c")) == Refusal(ErrorCode.REPLAY_DETECTED, 1)
     assert len(cache) == 2
     assert not cache.seen(b"c")
     clock.advance(10.0)

@@ -108,6 +108,11 @@ ALLOWED: Final[dict[tuple[str, str], str]] = {
     ): "add_all: the same digest given twice in one call, as above",
     (
         "server/shared_replay.py",
+        "digest in digests[:i]",
+    ): "add_all on a full cache: the same digest given twice in one call, as in "
+    "protocol/replay.py",
+    (
+        "server/shared_replay.py",
         "conn.execute(_INSERT, (digest, now, cutoff)).rowcount != 1",
     ): "compares a row count, not the digest; the lookup is SQLite's, as above",
     (

@@ -198,12 +198,15 @@ def test_add_all_records_both_and_needs_room_for_both(tmp_path: Path) -> None:
         assert not cache.add(b"k1")
         assert cache.has_room()  # one entry free, not two
         assert cache.add_all((b"i2", b"k2")) == Refusal(ErrorCode.RATE_LIMITED)
-        assert cache.add_all((b"i1", b"k2")) == Refusal(ErrorCode.RATE_LIMITED)  # room first
-        assert cache.add_all((b"x", b"x")) == Refusal(ErrorCode.RATE_LIMITED)
+        # a replay is called a replay, full or not (and records nothing)
+        assert cache.add_all((b"i1", b"k2")) == Refusal(ErrorCode.REPLAY_DETECTED, 0)
+        assert cache.add_all((b"k2", b"k1")) == Refusal(ErrorCode.REPLAY_DETECTED, 1)
+        assert cache.add_all((b"x", b"x")) == Refusal(ErrorCode.REPLAY_DETECTED, 1)
+        assert not cache.conn_in_transaction()
         assert len(cache) == 2
         clock.now += 10  # both expire; the full path purges them
         assert cache.add_all((b"i1", b"k1")) is None
-        assert cache.add_all((b"y", b"y")) == Refusal(ErrorCode.RATE_LIMITED)
+        assert cache.add_all((b"y", b"z")) == Refusal(ErrorCode.RATE_LIMITED)
         assert len(cache) == 2
     finally:
         cache.close()
