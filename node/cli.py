@@ -218,7 +218,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action=Switch,
     )
     add("--idle-timeout", "close a connection idle this long", 300, type=_positive_float)
-    add("--session-ttl", "wipe a session key this long after its init", 86400,
+    add("--session-ttl", "wipe a v1 session key this long after its init", 86400,
         type=_positive_float)  # fmt: skip
     add("--max-frame-bytes", "largest frame a client may send", 1048576, type=_frame_size)
     add("--max-connections", "open WebSocket connections per process", 10000,

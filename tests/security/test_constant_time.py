@@ -109,8 +109,7 @@ ALLOWED: Final[dict[tuple[str, str], str]] = {
     (
         "server/shared_replay.py",
         "digest in digests[:i]",
-    ): "add_all on a full cache: the same digest given twice in one call, as in "
-    "protocol/replay.py",
+    ): "add_all on a full cache: the same digest given twice in one call, as in protocol/replay.py",
     (
         "server/shared_replay.py",
         "conn.execute(_INSERT, (digest, now, cutoff)).rowcount != 1",
