@@ -66,7 +66,7 @@ log = logging.getLogger("node.server")
 CONNECTED_TEXT: Final = "Connected to llm-node"
 CLOSE_TIMEOUT_S: Final = 5.0
 SETTLE_TIMEOUT_S: Final = 10.0
-SEALED_SEND_S: Final = 10.0  # the longest a sealed frame's send may hold off a cancel
+SEALED_SEND_S: Final = 10.0  # a sealed frame's send may hold off a cancel this long (to 2x)
 
 
 def to_generation_request(request: InferenceRequest) -> GenerationRequest:
@@ -372,10 +372,16 @@ class StreamingDriver(abc.ABC):
         """Seal and send pieces; whatever queued up while we were sending goes as one.
 
         With ``config.coalesce`` off every piece is its own frame (benchmarks use this).
+
+        Sealing uses up the next nonce (v2) or chunk index (v1): a sealed frame that a
+        cancel dropped before it was sent would make the peer's next record fail
+        authentication. So sending runs in bursts, each in one shielded scope: from a
+        piece to the moment the channel is empty again, no cancel lands (a cancel that
+        arrives meanwhile lands in the wait for the next piece, outside the shield). A
+        send that cannot finish within ``SEALED_SEND_S`` (a client that stopped reading)
+        closes the connection. One scope per burst, not one per frame: entering a
+        shielded scope with a deadline costs about as much as sending a small frame.
         """
-        metrics = self.ctx.metrics
-        seal = self._seal_piece
-        coalesce = self.ctx.config.coalesce
         async with receive_channel:
             while True:
                 # Take what is queued without yielding; wait only when nothing is.
@@ -388,51 +394,67 @@ class StreamingDriver(abc.ABC):
                         return
                 except trio.EndOfChannel:
                     return
-                # Everything queued now leaves the channel at once, so a producer blocked
-                # on a full channel wakes once per batch rather than once per frame.
-                batch = [piece]
-                while True:
-                    try:
-                        batch.append(receive_channel.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                if coalesce:
-                    text = "".join(p.text for p in batch)
-                    batch = [Piece(text, sum(p.tokens for p in batch))]
-                for queued in batch:
-                    for part, part_tokens in split_for_frames(
-                        queued.text, queued.tokens, self._text_budget
-                    ):
-                        frame = seal(part, part_tokens)
-                        if frame is None:
-                            scope.cancel()
-                            return
-                        if not await self._send_sealed(frame):
-                            scope.cancel()  # nobody is listening: stop the model
-                            return
-                        metrics.chunks += 1
-                        metrics.tokens += part_tokens
+                with trio.CancelScope(shield=True) as guard:
+                    guard.deadline = trio.current_time() + 2 * SEALED_SEND_S
+                    going = await self._send_burst(piece, receive_channel, guard)
+                if guard.cancelled_caught:  # a send did not finish in time
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                        await self.ws.aclose()
+                    going = False
+                if going is None:
+                    return  # the channel was closed: the generation has ended
+                if not going:
+                    scope.cancel()  # nobody is listening (or cannot be): stop the model
+                    return
 
-    async def _send_sealed(self, frame: str | bytes) -> bool:
-        """Send a frame that was already sealed; False when the connection is gone.
+    async def _send_burst(
+        self,
+        piece: Piece,
+        receive_channel: trio.MemoryReceiveChannel[Piece],
+        guard: trio.CancelScope,
+    ) -> bool | None:
+        """Send ``piece`` and what queues up meanwhile, until the channel is empty (True),
+        closed (None), or the connection is gone or a frame could not be sealed (False).
 
-        Sealing used up the next nonce (v2) or chunk index (v1): if a cancel (the client's
-        cancel, a request that ended) dropped the frame between sealing and sending, the
-        peer's next record would fail authentication. So the send is shielded, for at
-        most ``SEALED_SEND_S``; one that does not finish by then (a client that stopped
-        reading) leaves the connection unusable, and it is closed.
+        Runs inside ``guard`` (shielded); each send gets at least ``SEALED_SEND_S``: the
+        deadline is pushed on to twice that whenever less than ``SEALED_SEND_S`` is left.
         """
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(SEALED_SEND_S) as timer:
+        metrics = self.ctx.metrics
+        seal = self._seal_piece
+        coalesce = self.ctx.config.coalesce
+        budget = self._text_budget
+        while True:
+            # Everything queued now leaves the channel at once, so a producer blocked
+            # on a full channel wakes once per batch rather than once per frame.
+            batch = [piece]
+            while True:
                 try:
-                    await self.ws.send_message(frame)
-                except ConnectionClosed:
-                    return False
-            if timer.cancelled_caught:
-                with trio.move_on_after(CLOSE_TIMEOUT_S):
-                    await self.ws.aclose()
-                return False
-        return True
+                    batch.append(receive_channel.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            if coalesce:
+                text = "".join(p.text for p in batch)
+                batch = [Piece(text, sum(p.tokens for p in batch))]
+            for queued in batch:
+                for part, part_tokens in split_for_frames(queued.text, queued.tokens, budget):
+                    frame = seal(part, part_tokens)
+                    if frame is None:
+                        return False
+                    now = trio.current_time()
+                    if guard.deadline - now < SEALED_SEND_S:
+                        guard.deadline = now + 2 * SEALED_SEND_S
+                    try:
+                        await self.ws.send_message(frame)
+                    except ConnectionClosed:
+                        return False
+                    metrics.chunks += 1
+                    metrics.tokens += part_tokens
+            try:
+                piece = receive_channel.receive_nowait()
+            except trio.WouldBlock:
+                return True
+            except trio.EndOfChannel:
+                return None
 
     # ------------------------------------------------------------- closing
 
