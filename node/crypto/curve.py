@@ -18,9 +18,9 @@ SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 HALF_N = SECP256K1_N // 2
 
 
-def parse_public_key(data: bytes | bytearray, *, field: str = "public key") -> PublicKey:
-    """Parse a SEC1 point of 33 (compressed) or 65 (uncompressed) bytes and check it is on
-    the curve. Hybrid (0x06/0x07) encodings and the point at infinity are refused."""
+def check_sec1_encoding(data: bytes | bytearray, field: str) -> None:
+    """Refuse what is not a 33-byte (02/03) or 65-byte (04) SEC1 encoding; the hybrid
+    06/07 forms, which libsecp256k1 would parse, are refused too."""
     if len(data) == 33:
         if data[0] not in (2, 3):
             raise InvalidPublicKey(f"{field}: compressed key must start with 02 or 03")
@@ -29,6 +29,12 @@ def parse_public_key(data: bytes | bytearray, *, field: str = "public key") -> P
             raise InvalidPublicKey(f"{field}: uncompressed key must start with 04")
     else:
         raise InvalidPublicKey(f"{field}: must be 33 or 65 bytes, got {len(data)}")
+
+
+def parse_public_key(data: bytes | bytearray, *, field: str = "public key") -> PublicKey:
+    """Parse a SEC1 point of 33 (compressed) or 65 (uncompressed) bytes and check it is on
+    the curve. Hybrid (0x06/0x07) encodings and the point at infinity are refused."""
+    check_sec1_encoding(data, field)
     try:
         return PublicKey(bytes(data))
     except (ValueError, TypeError):
@@ -126,36 +132,42 @@ def address_of(public_key: PublicKey | bytes) -> str:
     return address_of_uncompressed(pk.format(compressed=False))
 
 
-def parse_recoverable_signature(signature: bytes) -> tuple[int, int, int]:
-    """Split a 65-byte r || s || v signature, enforcing our policy.
+# r and s as 32-byte big-endian strings: for strings of one length, bytes order is
+# numeric order, so the range checks need no integers.
+_ZERO32 = bytes(32)
+_N32 = SECP256K1_N.to_bytes(32, "big")
+_HALF_N32 = HALF_N.to_bytes(32, "big")
+
+
+def recovery_id(signature: bytes) -> int:
+    """The recovery id (0/1) of a 65-byte r || s || v signature, enforcing our policy.
 
     v may be 0, 1, 27 or 28; r and s must be in [1, n-1]; s must be at most n/2 (low-S,
     EIP-2) so that a signature cannot be re-shaped into a second valid one.
-    Returns (r, s, recovery id 0/1).
     """
     if len(signature) != 65:
         raise InvalidSignature(f"signature must be 65 bytes (r||s||v), got {len(signature)}")
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:64], "big")
     v = signature[64]
     if v in (27, 28):
         v -= 27
     elif v not in (0, 1):
         raise InvalidSignature("signature v must be 0, 1, 27 or 28")
-    if not 0 < r < SECP256K1_N:
+    r = signature[:32]
+    s = signature[32:64]
+    if not _ZERO32 < r < _N32:
         raise InvalidSignature("signature r is out of range")
-    if not 0 < s < SECP256K1_N:
+    if not _ZERO32 < s < _N32:
         raise InvalidSignature("signature s is out of range")
-    if s > HALF_N:
+    if s > _HALF_N32:
         raise InvalidSignature("signature s is in the upper half of the order (high-S)")
-    return r, s, v
+    return v
 
 
 def recover_public_key(digest: bytes, signature: bytes) -> PublicKey:
     """Recover the signer's public key from a 32-byte digest and r || s || v."""
     if len(digest) != 32:
         raise InvalidSignature("digest must be 32 bytes")
-    recid = parse_recoverable_signature(signature)[2]
+    recid = recovery_id(signature)
     compact = signature[:64] + bytes((recid,))
     try:
         return PublicKey.from_signature_and_message(compact, digest, hasher=None)

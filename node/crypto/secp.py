@@ -20,7 +20,7 @@ from coincurve._libsecp256k1 import ffi as _ffi
 from coincurve._libsecp256k1 import lib as _lib
 from coincurve.context import GLOBAL_CONTEXT
 
-from node.crypto.curve import HALF_N, SECP256K1_N
+from node.crypto.curve import check_sec1_encoding, recovery_id
 from node.crypto.errors import InvalidPublicKey, InvalidSignature
 from node.crypto.secret import SecretBytes
 
@@ -29,26 +29,13 @@ _COMPRESSED: Final[int] = _lib.SECP256K1_EC_COMPRESSED
 _UNCOMPRESSED: Final[int] = _lib.SECP256K1_EC_UNCOMPRESSED
 _POINT_SIZE: Final = 64  # sizeof(secp256k1_pubkey), libsecp256k1's internal form
 _ZEROS: Final = bytes(_POINT_SIZE)
-# r and s as 32-byte big-endian strings: for strings of one length, bytes order is
-# numeric order, so the range checks need no integers.
-_ZERO32: Final = bytes(32)
-_N32: Final = SECP256K1_N.to_bytes(32, "big")
-_HALF_N32: Final = HALF_N.to_bytes(32, "big")
 
 
 def _parse_point(data: bytes, field: str) -> Any:
     """A parsed ``secp256k1_pubkey *`` from 33 (02/03) or 65 (04) bytes on the curve."""
-    size = len(data)
-    if size == 33:
-        if data[0] not in (2, 3):
-            raise InvalidPublicKey(f"{field}: compressed key must start with 02 or 03")
-    elif size == 65:
-        if data[0] != 4:  # libsecp256k1 would also take the hybrid 06/07 forms
-            raise InvalidPublicKey(f"{field}: uncompressed key must start with 04")
-    else:
-        raise InvalidPublicKey(f"{field}: must be 33 or 65 bytes, got {size}")
+    check_sec1_encoding(data, field)
     point = _ffi.new("secp256k1_pubkey *")
-    if not _lib.secp256k1_ec_pubkey_parse(_CTX, point, bytes(data), size):
+    if not _lib.secp256k1_ec_pubkey_parse(_CTX, point, bytes(data), len(data)):
         raise InvalidPublicKey(f"{field}: not a point on secp256k1")
     return point
 
@@ -80,33 +67,12 @@ def ecdh_x(
     return SecretBytes.take(x), compressed
 
 
-def check_recoverable_signature(signature: bytes) -> int:
-    """The recovery id (0/1) of a 65-byte ``r || s || v`` signature, by the policy of
-    :func:`node.crypto.curve.parse_recoverable_signature` (same checks, same messages)."""
-    if len(signature) != 65:
-        raise InvalidSignature(f"signature must be 65 bytes (r||s||v), got {len(signature)}")
-    v = signature[64]
-    if v in (27, 28):
-        v -= 27
-    elif v not in (0, 1):
-        raise InvalidSignature("signature v must be 0, 1, 27 or 28")
-    r = signature[:32]
-    s = signature[32:64]
-    if not _ZERO32 < r < _N32:
-        raise InvalidSignature("signature r is out of range")
-    if not _ZERO32 < s < _N32:
-        raise InvalidSignature("signature s is out of range")
-    if s > _HALF_N32:
-        raise InvalidSignature("signature s is in the upper half of the order (high-S)")
-    return v
-
-
 def recover_uncompressed(digest: bytes, signature: bytes) -> bytes:
     """The signer's 65-byte ``04 || x || y`` key from a 32-byte digest and ``r || s || v``
     (low-S, v in 0/1/27/28); :class:`InvalidSignature` when none can be recovered."""
     if len(digest) != 32:
         raise InvalidSignature("digest must be 32 bytes")
-    recid = check_recoverable_signature(signature)
+    recid = recovery_id(signature)  # the policy of recover_public_key, shared
     sig = _ffi.new("secp256k1_ecdsa_recoverable_signature *")
     # r and s were checked to be below n, so the parse cannot fail
     _lib.secp256k1_ecdsa_recoverable_signature_parse_compact(
@@ -122,4 +88,4 @@ def recover_uncompressed(digest: bytes, signature: bytes) -> bytes:
     return full
 
 
-__all__ = ["check_recoverable_signature", "ecdh_x", "recover_uncompressed"]
+__all__ = ["ecdh_x", "recover_uncompressed"]
