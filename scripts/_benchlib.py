@@ -109,22 +109,27 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def group_rss_kib(pid: int) -> int:
-    """VmRSS of a process and of every live process in its process group, in KiB."""
+def _group_pids(pid: int) -> list[int]:
+    """The live processes of ``pid``'s process group (itself included), or none."""
     try:
         pgid = os.getpgid(pid)
     except OSError:
-        return 0
-    total = 0
+        return []
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if os.getpgid(int(entry.name)) == pgid:
-                total += rss_kib(int(entry.name))
+                found.append(int(entry.name))
         except OSError:
             continue
-    return total
+    return found
+
+
+def group_rss_kib(pid: int) -> int:
+    """VmRSS of a process and of every live process in its process group, in KiB."""
+    return sum(rss_kib(member) for member in _group_pids(pid))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -139,20 +144,7 @@ def cpu_seconds(pid: int) -> float:
 
 def group_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and of every live process in its process group."""
-    try:
-        pgid = os.getpgid(pid)
-    except OSError:
-        return 0.0
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry.name)) == pgid:
-                total += cpu_seconds(int(entry.name))
-        except OSError:
-            continue
-    return total
+    return sum(cpu_seconds(member) for member in _group_pids(pid))
 
 
 def run_queue_wait_s(pid: int | str = "self") -> float:

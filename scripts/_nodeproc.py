@@ -67,6 +67,53 @@ class NodeProcess:
         listening.set()
 
 
+CHECKOUT_LISTENING = b"listening on http://127.0.0.1:"
+
+
+async def start_checkout_node(
+    repo: Path, tmp: Path, *args: str, host_key_hex: str = "0x" + "5a" * 32
+) -> tuple[trio.Process, int]:
+    """``python -m node serve --backend echo --port 0 --ledger <tmp>/ledger.sqlite3 <args>``
+    run from the checkout ``repo`` (its code, not this one's: the before/after scripts
+    point it at an older commit). Returns the process and its port once it listens; the
+    caller drains its stderr (:func:`drain`) and stops it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_NODE_")}
+    env["HOST_PRIVATE_KEY"] = host_key_hex
+    env["PYTHONPATH"] = str(repo)
+    command = [sys.executable, "-m", "node", "serve", "--backend", "echo", "--port", "0"]
+    proc = await trio.lowlevel.open_process(
+        [*command, "--ledger", str(tmp / "ledger.sqlite3"), *args],
+        cwd=repo,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen = b""
+    marker = CHECKOUT_LISTENING
+    try:
+        with trio.fail_after(120):
+            while marker not in seen or b" " not in seen.split(marker, 1)[1]:
+                chunk = await proc.stderr.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError("node exited: " + seen.decode(errors="replace")[-500:])
+                seen += chunk
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    digits = seen.split(marker, 1)[1]
+    port = int(digits[: len(digits) - len(digits.lstrip(b"0123456789"))])
+    return proc, port
+
+
+async def drain(stream: trio.abc.ReceiveStream) -> None:
+    """Read a stream to its end (a node's stderr, so that it never blocks on a full pipe)."""
+    while await stream.receive_some(65536):
+        pass
+
+
 @asynccontextmanager
 async def spawn_node(
     *args: str, host_key_hex: str, log_path: Path, startup_s: float = 60.0

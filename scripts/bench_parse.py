@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+import _nodeproc as nodeproc  # noqa: E402
 import httpx  # noqa: E402
 import trio  # noqa: E402
 from trio_websocket import open_websocket_url  # noqa: E402
@@ -41,44 +41,6 @@ from trio_websocket import open_websocket_url  # noqa: E402
 from tests.security._adversarial import SHAPES  # noqa: E402
 
 DEFAULT_SHAPES = "reviewer-open-quote-backslash,escaped-quotes,deep-arrays,nests-at-the-limit"
-LISTENING = b"listening on http://127.0.0.1:"
-
-
-async def start_node(repo: Path, tmp: Path) -> tuple[trio.Process, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_NODE_")}
-    env["HOST_PRIVATE_KEY"] = "0x" + "5a" * 32
-    env["PYTHONPATH"] = str(repo)
-    command = [sys.executable, "-m", "node", "serve", "--backend", "echo", "--port", "0"]
-    proc = await trio.lowlevel.open_process(
-        [*command, "--ledger", str(tmp / "ledger.sqlite3"), "--log-level", "info"],
-        cwd=repo,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    seen = b""
-    try:
-        with trio.fail_after(120):
-            while LISTENING not in seen or b" " not in seen.split(LISTENING, 1)[1]:
-                chunk = await proc.stderr.receive_some(4096)
-                if not chunk:
-                    raise RuntimeError("node exited: " + seen.decode(errors="replace")[-500:])
-                seen += chunk
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    digits = seen.split(LISTENING, 1)[1]
-    port = int(digits[: len(digits) - len(digits.lstrip(b"0123456789"))])
-    # The node keeps logging to stderr: drain it so that it never blocks on a full pipe.
-    return proc, port
-
-
-async def drain(stream: Any) -> None:
-    while await stream.receive_some(65536):
-        pass
 
 
 async def health_after(base: str, started: trio.Event, out: dict[str, float]) -> None:
@@ -144,11 +106,13 @@ def in_process() -> dict[str, float]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"repo": str(args.repo), "ws": {}, "challenge": {}}
     with tempfile.TemporaryDirectory(prefix="bench-parse-") as tmp:
-        proc, port = await start_node(Path(args.repo), Path(tmp))
+        proc, port = await nodeproc.start_checkout_node(
+            Path(args.repo), Path(tmp), "--log-level", "info"
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain, proc.stderr)
+                nursery.start_soon(nodeproc.drain, proc.stderr)
                 for name in args.shapes.split(","):
                     make = SHAPES[name]
                     results["ws"][name] = await ws_case(base, make(args.frame_kib * 1024))

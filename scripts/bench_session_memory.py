@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,16 +24,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+import _nodeproc as nodeproc  # noqa: E402
 import trio  # noqa: E402
 from coincurve import PrivateKey  # noqa: E402
 from trio_websocket import open_websocket_url  # noqa: E402
 
 from node.crypto.session_init import seal_session_init  # noqa: E402
 
-HOST_KEY = "0x" + "5a" * 32
 HOST_PUBLIC = PrivateKey(bytes.fromhex("5a" * 32)).public_key.format(compressed=True)
-LISTENING = b"listening on http://127.0.0.1:"
 
 
 def rss_kib(pid: int) -> int:
@@ -46,41 +45,6 @@ def rss_kib(pid: int) -> int:
 
 def vector_database(size: int) -> dict[str, Any]:
     return {"x": [{}] * max(0, (size - 7) // 3)}
-
-
-async def start_node(repo: Path, tmp: Path) -> tuple[trio.Process, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_NODE_")}
-    env["HOST_PRIVATE_KEY"] = HOST_KEY
-    env["PYTHONPATH"] = str(repo)
-    command = [sys.executable, "-m", "node", "serve", "--backend", "echo", "--port", "0"]
-    proc = await trio.lowlevel.open_process(
-        [*command, "--ledger", str(tmp / "ledger.sqlite3"), "--max-errors", "1000"],
-        cwd=repo,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    seen = b""
-    try:
-        with trio.fail_after(120):
-            while LISTENING not in seen or b" " not in seen.split(LISTENING, 1)[1]:
-                chunk = await proc.stderr.receive_some(4096)
-                if not chunk:
-                    raise RuntimeError("node exited: " + seen.decode(errors="replace")[-500:])
-                seen += chunk
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    digits = seen.split(LISTENING, 1)[1]
-    return proc, int(digits[: len(digits) - len(digits.lstrip(b"0123456789"))])
-
-
-async def drain(stream: Any) -> None:
-    while await stream.receive_some(65536):
-        pass
 
 
 ALL_DONE: trio.Event
@@ -122,11 +86,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     global ALL_DONE
     ALL_DONE = trio.Event()
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        proc, port = await start_node(Path(args.repo), Path(tmp))
+        proc, port = await nodeproc.start_checkout_node(
+            Path(args.repo), Path(tmp), "--max-errors", "1000"
+        )
         out: dict[str, int] = {"pid": proc.pid}
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain, proc.stderr)
+                nursery.start_soon(nodeproc.drain, proc.stderr)
                 await trio.sleep(1.0)
                 out["rss_kib_before"] = rss_kib(proc.pid)
                 started = time.perf_counter()
